@@ -1,0 +1,88 @@
+"""``clada-export export`` and ``clada-export info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from clada_export import contract as C
+from clada_export.errors import UserError
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from clada_export.export.onnx_export import export_onnx
+    from clada_export.model.loading import load_decoder, resolve_model_dir
+    from clada_export.profile import SparsityProfile
+
+    out = Path(args.output)
+    if out.exists() and not args.force:  # fail before the slow part
+        raise UserError(f"output directory {out} already exists; choose another -o or pass --force to replace it")
+    profile = SparsityProfile.load(args.profile) if args.profile else None
+    steps = ["load"] + [f"{g}:{s}" for g in C.GRAPHS for s in ("trace", "write")] + ["tokenizer"]
+    if args.engine:
+        steps += [f"engine:{g}" for g in C.GRAPHS]
+    with tqdm(total=len(steps), desc="export", unit="step", file=sys.stderr) as bar:
+        bar.set_postfix_str("loading checkpoint")
+        model_dir = resolve_model_dir(args.model)
+        model, hf_config = load_decoder(model_dir)
+        bar.update()
+
+        def on_step(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            if not msg.startswith("tracing"):
+                bar.update()
+
+        manifest = export_onnx(model, hf_config, out, model_dir=model_dir, profile=profile,
+                               dtype=args.dtype, force=args.force, on_step=on_step)
+        if args.engine:
+            from clada_export.export.tensorrt import build_engines
+
+            build_engines(out, on_step=lambda msg: (bar.set_postfix_str(msg), bar.update()))
+        bar.update(bar.total - bar.n)
+    print(f"wrote {out}: {', '.join(manifest['graphs'])} graphs "
+          f"({manifest['config']['num_layers']} SparseMLP nodes each)")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from clada_export.export.onnx_export import read_manifest
+
+    out = Path(args.export_dir)
+    manifest = read_manifest(out)
+    cfg = manifest["config"]
+    print(f"{out}: {manifest['model_type']} ({cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
+          f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}), dtype {manifest['dtype']}")
+    weights = out / manifest["weights"]
+    if weights.exists():
+        print(f"weights: {manifest['weights']} ({weights.stat().st_size / 2**20:.1f} MiB, shared by all graphs)")
+    for graph, files in manifest["graphs"].items():
+        path = out / files["onnx"]
+        model = onnx.load(str(path), load_external_data=False)
+        n_sparse = sum(1 for n in model.graph.node if n.domain == C.OP_DOMAIN and n.op_type == C.OP_NAME)
+        print(f"\n[{graph}] {files['onnx']} (+ {files['plugin_onnx']} without function bodies): "
+              f"{len(model.graph.node)} nodes, {n_sparse} x {C.OP_DOMAIN}::{C.OP_NAME}")
+        for kind, values in (("in ", model.graph.input), ("out", model.graph.output)):
+            shown = [v for v in values if not v.name.startswith(("past_", "present_"))]
+            for v in shown:
+                dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+                print(f"  {kind} {v.name:<12} {str(dtype):<8} {dims}")
+            n_cache = len(values) - len(shown)
+            if n_cache:
+                v = next(v for v in values if v.name.startswith(("past_", "present_")))
+                dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                print(f"  {kind} {n_cache} KV cache tensors ({v.name.split('.')[0]}.*) {dims}")
+    for name in sorted(out.glob("*.engine")):
+        print(f"\nengine: {name.name} ({name.stat().st_size / 2**20:.1f} MiB)")
+    prof = manifest.get("profile")
+    if prof:
+        kl = "n/a" if prof.get("kl") is None else f"{prof['kl']:.4f}"
+        print(f"\nsparsity profile: target {prof['target_sparsity']:.2f}, mean MLP byte sparsity "
+              f"{prof['mean_byte_sparsity']:.3f}, KL vs dense {kl} ({prof['method']}); default thresholds in "
+              f"{prof['file']}")
+    else:
+        print("\nsparsity profile: none (thresholds default to 0: dense); add one with --profile")

@@ -1,0 +1,124 @@
+"""Loading a Hugging Face checkpoint directory, offline, into our Decoder.
+
+Weights are renamed nowhere: our module names mirror transformers' (``model.`` prefix
+aside), and the MLP's three matrices are transposed once into the kernel layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from clada_export.errors import UserError
+from clada_export.model.config import DecoderConfig, supported_list
+from clada_export.model.llama import Decoder, rope_frequencies
+
+_MLP = {"gate_proj": "w_gate_t", "up_proj": "w_up_t", "down_proj": "w_down_t"}
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """A checkpoint directory; ``None`` means the default model (converted on first use)."""
+    if model is None:
+        from clada_export.model.default import default_model_dir
+
+        return default_model_dir()
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"model directory {path} does not exist; pass a Hugging Face checkpoint directory "
+                        "(config.json + safetensors + tokenizer), or omit MODEL to use the default model")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file; MODEL must be a checkpoint directory holding config.json")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
+    return path
+
+
+def load_hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{model_dir / 'config.json'} is not readable JSON ({e})") from None
+    if raw.get("model_type") is None:
+        raise UserError(f"{model_dir / 'config.json'} has no model_type; supported: {supported_list()}")
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot read {model_dir / 'config.json'} as a transformers config "
+                        f"(model_type {raw.get('model_type')!r}; supported: {supported_list()}): {e}") from None
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                state.update(load_file(f))
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"cannot read weights {f} ({e}); the file is damaged or truncated") from None
+        return state
+    files = sorted(model_dir.glob("pytorch_model*.bin"))
+    if files:
+        state = {}
+        for f in files:
+            try:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:  # torch raises many types for a damaged pickle
+                raise UserError(f"cannot read weights {f} ({e}); the file is damaged or truncated") from None
+        return state
+    raise UserError(f"{model_dir} holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                 ) -> tuple[Decoder, object]:
+    """Our Decoder with the checkpoint's weights, and the transformers config it came from."""
+    hf_config = load_hf_config(model_dir)
+    cfg = DecoderConfig.from_hf(hf_config)
+    inv_freq, scaling = rope_frequencies(hf_config)
+    with torch.device("meta"):
+        model = Decoder(cfg, inv_freq, scaling)
+    state = read_state_dict(model_dir)
+    ours: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = name.removeprefix("model.")
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-2] in _MLP and parts[-1] == "weight":
+            key = ".".join(parts[:-2] + [_MLP[parts[-2]]])
+            tensor = tensor.t()
+        elif parts[-1] == "bias" and len(parts) >= 2 and parts[-2] in _MLP:
+            raise UserError(f"{model_dir}: MLP biases ({name}) are not supported by SparseMLP")
+        ours[key] = tensor
+    if cfg.tie_word_embeddings:
+        ours.pop("lm_head.weight", None)
+    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise UserError(f"weights in {model_dir} don't match config.json: {len(missing)} tensors missing "
+                        f"(e.g. {', '.join(missing[:3])}); is the checkpoint complete?")
+    # rotary caches some exporters save are not weights of ours
+    unexpected = sorted(k for k in set(ours) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise UserError(f"weights in {model_dir} don't match config.json: unexpected tensors "
+                        f"{', '.join(unexpected[:3])}; is config.json from another model?")
+    for k, v in expected.items():
+        if tuple(ours[k].shape) != tuple(v.shape):
+            raise UserError(f"weights in {model_dir} don't match config.json: {k} has shape "
+                            f"{list(ours[k].shape)}, config implies {list(v.shape)}")
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty makes new parameters from meta ones: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.no_grad():
+        model.load_state_dict({k: ours[k].to(dtype) for k in expected}, strict=False, assign=False)
+        model.inv_freq.copy_(inv_freq)
+    model = model.to(dtype)
+    model.inv_freq = model.inv_freq.float()
+    model.eval()
+    return model, hf_config

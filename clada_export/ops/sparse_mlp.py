@@ -1,0 +1,101 @@
+"""The SparseMLP op: the one reference definition of CLADA's thresholded MLP.
+
+Every other implementation (the ONNX function body in ``onnx_function.py``, the CUDA
+kernels in ``plugins/kernels``, the TensorRT plugin) is tested against
+:func:`sparse_mlp_reference`.
+
+Weight layout (shared by the torch model, the ONNX initializers and the CUDA kernels):
+``w_gate_t`` and ``w_up_t`` are ``[hidden, intermediate]`` (input-major: a zero input
+channel ``x_i`` skips the contiguous row ``i``), ``w_down_t`` is ``[intermediate, hidden]``
+(a zero intermediate channel ``h_j`` skips the contiguous row ``j``). These are the
+transposes of Hugging Face's ``nn.Linear`` weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(h)
+    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+def _per_row(thresholds: torch.Tensor, column: int, like: torch.Tensor) -> torch.Tensor:
+    # thresholds [B, 2] -> [B, 1, ..., 1] broadcastable over x/h of shape [B, ..., C]
+    t = thresholds[:, column].to(like.dtype)
+    return t.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+
+
+def check_thresholds(thresholds: torch.Tensor, batch: int) -> None:
+    if thresholds.dim() != 2 or thresholds.shape[1] != 2 or thresholds.shape[0] != batch:
+        raise ValueError(
+            f"thresholds must have shape [batch={batch}, 2] (t_in, t_mid) for one layer, "
+            f"got {list(thresholds.shape)}"
+        )
+
+
+def sparse_mlp_reference(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """Gated MLP with input and intermediate magnitude thresholds.
+
+    x: ``[B, ..., hidden]``; thresholds: ``[B, 2]`` = (t_in, t_mid) per sequence.
+    ``x_s = x * (|x| > t_in)``, ``h = act(x_s @ Wg) * (x_s @ Wu)``,
+    ``h_s = h * (|h| > t_mid)``, ``y = h_s @ Wd``. Zero thresholds are exactly dense:
+    ``|v| > 0`` keeps every nonzero value and a zero contributes nothing either way.
+    """
+    check_thresholds(thresholds, x.shape[0])
+    x_s = torch.where(x.abs() > _per_row(thresholds, 0, x), x, torch.zeros_like(x))
+    h = activation(x_s @ w_gate_t, act) * (x_s @ w_up_t)
+    h_s = torch.where(h.abs() > _per_row(thresholds, 1, h), h, torch.zeros_like(h))
+    return h_s @ w_down_t
+
+
+def dense_mlp(
+    x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_down_t: torch.Tensor, act: str = "silu"
+) -> torch.Tensor:
+    """The plain gated MLP, for tests that zero thresholds reproduce it exactly."""
+    return (activation(x @ w_gate_t, act) * (x @ w_up_t)) @ w_down_t
+
+
+def mlp_activation_magnitudes(
+    x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, t_in: torch.Tensor | float = 0.0, act: str = "silu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|x| and |h| (h computed from x thresholded at ``t_in``), for calibration histograms."""
+    x_s = torch.where(x.abs() > t_in, x, torch.zeros_like(x))
+    h = activation(x_s @ w_gate_t, act) * (x_s @ w_up_t)
+    return x.abs(), h.abs()
+
+
+# A torch custom op, so that the exporter sees one opaque node per MLP and maps it to the
+# ONNX `clada::SparseMLP` node (see clada_export/export/onnx_export.py). Its eager
+# implementation is the reference above; nothing else defines the math.
+@torch.library.custom_op("clada::sparse_mlp", mutates_args=())
+def sparse_mlp_op(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str,
+) -> torch.Tensor:
+    return sparse_mlp_reference(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
+
+
+@sparse_mlp_op.register_fake
+def _(x, w_gate_t, w_up_t, w_down_t, thresholds, act):
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[-1]))

@@ -1,0 +1,153 @@
+"""The sparsity profile: CLADA's offline level, written by ``calibrate``, read by
+``export`` (ONNX metadata, default thresholds) and by the runtime's controller.
+
+A profile holds, per layer, quantile tables of the MLP input magnitude |x| and of the
+intermediate magnitude |h| on calibration text (``t_in[l, k]`` is the threshold that
+zeroes a fraction ``levels[k]`` of |x|), the calibration text's mean magnitudes (the
+reference for the sequence level's prefix shift), and an allocation: per-layer input
+and intermediate sparsity that meets a global target.
+
+Sparsity unit: the fraction of MLP weight bytes skipped. For a gated MLP, W_gate and
+W_up (2/3 of the bytes) are skipped by input sparsity and W_down (1/3) by intermediate
+sparsity, so a layer's byte sparsity is ``(2 * s_in + s_mid) / 3``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clada_export.errors import UserError
+
+FORMAT = "clada-profile"
+VERSION = 1
+
+
+def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float) -> np.ndarray | float:
+    """Fraction of a gated MLP's weight bytes skipped at input/intermediate sparsity."""
+    return (2.0 * np.asarray(s_in) + np.asarray(s_mid)) / 3.0
+
+
+def model_fingerprint(config: dict[str, Any]) -> str:
+    """Hash of the architecture-defining config keys (not of paths or dtypes)."""
+    keys = (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+        "rms_norm_eps", "rope_theta", "hidden_act", "tie_word_embeddings",
+    )
+    canon = json.dumps({k: config.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+@dataclass
+class SparsityProfile:
+    """Per-layer threshold tables and their allocation. Shapes: ``levels [S]``,
+    ``t_in``/``t_mid`` ``[L, S]`` (same units as the activations), ``calib_mean_abs``
+    ``[L, 2]`` (mean |x|, mean |h| on calibration text), ``s_in``/``s_mid`` ``[L]``."""
+
+    fingerprint: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    levels: np.ndarray
+    t_in: np.ndarray
+    t_mid: np.ndarray
+    calib_mean_abs: np.ndarray
+    target_sparsity: float
+    s_in: np.ndarray
+    s_mid: np.ndarray
+    kl: float | None = None
+    method: str = "greedy"
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("levels", "t_in", "t_mid", "calib_mean_abs", "s_in", "s_mid"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        L, S = self.num_layers, len(self.levels)
+        expect = {"t_in": (L, S), "t_mid": (L, S), "calib_mean_abs": (L, 2), "s_in": (L,), "s_mid": (L,)}
+        for name, shape in expect.items():
+            if getattr(self, name).shape != shape:
+                raise UserError(
+                    f"profile field {name} has shape {list(getattr(self, name).shape)}, expected {list(shape)} "
+                    f"for {L} layers and {S} levels; re-run `clada-export calibrate`"
+                )
+
+    # -- thresholds -------------------------------------------------------------
+    def thresholds_at(self, s_in: np.ndarray, s_mid: np.ndarray) -> np.ndarray:
+        """Per-layer threshold pairs ``[L, 2]`` reaching sparsities ``s_in``/``s_mid``
+        ``[L]`` on calibration text (linear interpolation in each layer's table)."""
+        s_in = np.clip(np.asarray(s_in, dtype=np.float64), self.levels[0], self.levels[-1])
+        s_mid = np.clip(np.asarray(s_mid, dtype=np.float64), self.levels[0], self.levels[-1])
+        out = np.empty((self.num_layers, 2), dtype=np.float64)
+        for l in range(self.num_layers):
+            out[l, 0] = np.interp(s_in[l], self.levels, self.t_in[l])
+            out[l, 1] = np.interp(s_mid[l], self.levels, self.t_mid[l])
+        return out
+
+    def static_thresholds(self) -> np.ndarray:
+        """Thresholds ``[L, 2]`` of the allocation (what ``--static`` runs)."""
+        return self.thresholds_at(self.s_in, self.s_mid)
+
+    def mean_byte_sparsity(self) -> float:
+        return float(np.mean(byte_sparsity(self.s_in, self.s_mid)))
+
+    # -- I/O ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in list(d.items()):
+            if isinstance(v, np.ndarray):
+                d[k] = v.tolist()
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "profile") -> "SparsityProfile":
+        if d.get("format") != FORMAT:
+            raise UserError(f"{source} is not a clada sparsity profile (no \"format\": \"{FORMAT}\")")
+        if d.get("version") != VERSION:
+            raise UserError(
+                f"{source} has profile version {d.get('version')}, this clada-export reads version {VERSION}; "
+                "re-run `clada-export calibrate`"
+            )
+        fields = {k: v for k, v in d.items() if k not in ("format", "version")}
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise UserError(f"{source} is malformed ({e}); re-run `clada-export calibrate`") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # write then rename: a crash never leaves half a profile behind
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SparsityProfile":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"profile {path} does not exist; make one with `clada-export calibrate MODEL -o {path}`")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"profile {path} is not readable JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def check_matches(self, config: dict[str, Any], source: str = "profile") -> None:
+        fp = model_fingerprint(config)
+        if fp != self.fingerprint:
+            raise UserError(
+                f"{source} was calibrated for another model ({self.model_type}, {self.num_layers} layers, "
+                f"hidden {self.hidden_size}; fingerprint {self.fingerprint}) but this model is "
+                f"{config.get('model_type')}, {config.get('num_hidden_layers')} layers, hidden "
+                f"{config.get('hidden_size')} (fingerprint {fp}); calibrate this model with `clada-export calibrate`"
+            )

@@ -1,0 +1,141 @@
+"""Backends: what runs a prefill or a decode step. The Generator talks only to this
+interface; the torch backend runs our Decoder, the onnxruntime backend the exported
+graphs, and a TensorRT backend plugs in the same way.
+
+All tensors crossing this interface are torch tensors on ``backend.device``: the
+sampler runs there, and only token ids and a few scalars per sequence go to the host.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clada_export import contract as C
+from clada_export.export.graphs import DecodeGraph, PrefillGraph
+from clada_export.model.llama import Decoder
+
+
+@dataclass
+class StepResult:
+    """``logits [B, vocab]`` float32 (each sequence's last real token), ``entropy [B]``
+    and ``logsumexp [B]`` in nats, ``act_stats [L, B, 2]`` after prefill only."""
+
+    logits: torch.Tensor
+    entropy: torch.Tensor
+    logsumexp: torch.Tensor
+    act_stats: torch.Tensor | None = None
+
+
+class Backend(abc.ABC):
+    num_layers: int
+    vocab_size: int
+    device: torch.device
+
+    @abc.abstractmethod
+    def start(self, batch: int, max_len: int) -> None:
+        """Allocate (or clear) the KV cache for ``batch`` sequences of ``max_len`` slots."""
+
+    @abc.abstractmethod
+    def prefill(self, input_ids: torch.Tensor, seq_lens: torch.Tensor, thresholds: torch.Tensor) -> StepResult:
+        """``input_ids [B, T]`` right-padded, ``seq_lens [B]``, ``thresholds [L, B, 2]``."""
+
+    @abc.abstractmethod
+    def decode(self, tokens: torch.Tensor, position: torch.Tensor, thresholds: torch.Tensor) -> StepResult:
+        """``tokens [B]`` written at cache slot ``position [B]``."""
+
+
+class TorchBackend(Backend):
+    """Our Decoder in eager PyTorch, through the same wrappers the exporter traces."""
+
+    def __init__(self, model: Decoder, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.num_layers = model.cfg.num_layers
+        self.vocab_size = model.cfg.vocab_size
+        self._prefill = PrefillGraph(self.model)
+        self._decode = DecodeGraph(self.model)
+        self._caches: list[torch.Tensor] = []
+
+    def start(self, batch: int, max_len: int) -> None:
+        k, v = self.model.new_cache(batch, max_len, device=self.device)
+        self._caches = [t for pair in zip(k, v) for t in pair]
+
+    @torch.no_grad()
+    def prefill(self, input_ids, seq_lens, thresholds):
+        out = self._prefill(input_ids.to(self.device), seq_lens.to(self.device), thresholds.to(self.device),
+                            *self._caches)
+        self._caches = list(out[4:])
+        return StepResult(out[0], out[1], out[2], out[3])
+
+    @torch.no_grad()
+    def decode(self, tokens, position, thresholds):
+        out = self._decode(tokens.to(self.device)[:, None], position.to(self.device), thresholds.to(self.device),
+                           *self._caches)
+        self._caches = list(out[3:])
+        return StepResult(out[0], out[1], out[2])
+
+
+class OnnxRuntimeBackend(Backend):
+    """The exported graphs (with SparseMLP function bodies) in ONNX Runtime."""
+
+    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        from clada_export.export.onnx_export import read_manifest
+
+        export_dir = Path(export_dir)
+        manifest = read_manifest(export_dir)
+        cfg = manifest["config"]
+        self.num_layers = cfg["num_layers"]
+        self.vocab_size = cfg["vocab_size"]
+        self._cache_shape = (cfg["num_kv_heads"], cfg["head_dim"])
+        self._cache_dtype = np.dtype(manifest["dtype"])
+        self.device = torch.device("cpu")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self._sessions = {
+            g: ort.InferenceSession(str(export_dir / manifest["graphs"][g]["onnx"]), options, providers=providers)
+            for g in C.GRAPHS
+        }
+        self._caches: dict[str, np.ndarray] = {}
+
+    def start(self, batch: int, max_len: int) -> None:
+        shape = (batch, self._cache_shape[0], max_len, self._cache_shape[1])
+        self._caches = {}
+        for i in range(self.num_layers):
+            self._caches[C.past_key(i)] = np.zeros(shape, self._cache_dtype)
+            self._caches[C.past_value(i)] = np.zeros(shape, self._cache_dtype)
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> StepResult:
+        session = self._sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        outputs = dict(zip(names, session.run(None, {**feeds, **self._caches})))
+        for i in range(self.num_layers):
+            self._caches[C.past_key(i)] = outputs[C.present_key(i)]
+            self._caches[C.past_value(i)] = outputs[C.present_value(i)]
+        stats = outputs.get("act_stats")
+        return StepResult(
+            torch.from_numpy(outputs["logits"]), torch.from_numpy(outputs["entropy"]),
+            torch.from_numpy(outputs["logsumexp"]), None if stats is None else torch.from_numpy(stats),
+        )
+
+    def prefill(self, input_ids, seq_lens, thresholds):
+        return self._run(C.PREFILL, {
+            "input_ids": input_ids.cpu().numpy().astype(np.int64),
+            "seq_lens": seq_lens.cpu().numpy().astype(np.int64),
+            "thresholds": thresholds.cpu().numpy().astype(np.float32),
+        })
+
+    def decode(self, tokens, position, thresholds):
+        return self._run(C.DECODE, {
+            "input_ids": tokens.cpu().numpy().astype(np.int64)[:, None],
+            "position": position.cpu().numpy().astype(np.int64),
+            "thresholds": thresholds.cpu().numpy().astype(np.float32),
+        })

@@ -1,0 +1,147 @@
+"""Generation: prefill, then one decode loop that reads the cognitive-load signals of
+each step and feeds the controller's thresholds into the next one.
+
+Per step, only the picked token ids and three floats per sequence (entropy, logsumexp,
+the picked token's logit) cross from the backend's device to the host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clada_export.runtime.backends import Backend
+from clada_export.runtime.sampling import Sampler, SamplingConfig
+
+
+@dataclass
+class GenerationResult:
+    """``tokens[b]``: generated ids of sequence b (EOS included if reached);
+    ``surprisal``/``entropy`` ``[steps, B]`` of each generated token's distribution;
+    ``sparsity [steps, B]``: the mean MLP byte sparsity the controller chose for the step
+    that consumed that token (NaN where no controller); ``denser [steps, B]``."""
+
+    prompt_tokens: list[list[int]]
+    tokens: list[list[int]]
+    surprisal: np.ndarray
+    entropy: np.ndarray
+    sparsity: np.ndarray
+    denser: np.ndarray
+    prefill_seconds: float
+    decode_seconds: float
+    trace: list[dict] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.surprisal.shape[0] - 1  # the first token comes from prefill
+        return steps * len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Generator:
+    """One decode loop over any :class:`Backend`.
+
+    ``controller``: a :class:`clada_export.runtime.controller.ThresholdController` (dynamic
+    CLADA thresholds), or ``None`` with ``static_thresholds [L, 2]`` (or zeros: dense).
+    """
+
+    def __init__(self, backend: Backend, eos_token_ids: Sequence[int] = (), controller_factory=None,
+                 static_thresholds: np.ndarray | None = None):
+        self.backend = backend
+        self.eos = set(int(t) for t in eos_token_ids)
+        self.controller_factory = controller_factory
+        L = backend.num_layers
+        self.static_thresholds = (np.zeros((L, 2), np.float32) if static_thresholds is None
+                                  else np.asarray(static_thresholds, np.float32))
+        if self.static_thresholds.shape != (L, 2):
+            raise ValueError(f"static thresholds must have shape [{L}, 2], got {list(self.static_thresholds.shape)}")
+
+    def _thresholds(self, per_seq: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(per_seq, dtype=np.float32)).to(self.backend.device)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        on_tokens: Callable[[np.ndarray], None] | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch of tokenized prompts; ``on_tokens(ids [B])`` streams each step."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        backend, dev = self.backend, self.backend.device
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        T = int(lens.max())
+        ids = torch.zeros((B, T), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        backend.start(B, T + max_new_tokens)
+        sampler = Sampler(sampling, dev)
+        controller = self.controller_factory(B) if self.controller_factory else None
+
+        t0 = time.perf_counter()
+        # prefill runs dense: its activation statistics are the prompt's own, and the
+        # controller's sequence level starts from them
+        out = backend.prefill(ids, lens, self._thresholds(np.zeros((backend.num_layers, B, 2))))
+        if controller is not None:
+            thresholds = controller.begin(None if out.act_stats is None else out.act_stats.cpu().numpy())
+        else:
+            thresholds = np.repeat(self.static_thresholds[:, None], B, axis=1)
+        position = lens.clone()
+        finished = np.zeros(B, dtype=bool)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        rec_s, rec_e, rec_sp, rec_d = [], [], [], []
+        t_prefill = None
+        for step in range(max_new_tokens):
+            picked = sampler(out.logits)
+            picked_logit = out.logits.gather(1, picked[:, None])[:, 0]
+            small = torch.stack((picked.double(), out.entropy.double(), out.logsumexp.double(),
+                                 picked_logit.double()), dim=1).cpu().numpy()
+            if t_prefill is None:
+                t_prefill = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            tok = small[:, 0].astype(np.int64)
+            entropy, surprisal = small[:, 1], small[:, 2] - small[:, 3]
+            for b in range(B):
+                if not finished[b]:
+                    tokens[b].append(int(tok[b]))
+                    finished[b] = int(tok[b]) in self.eos
+            if on_tokens is not None:
+                on_tokens(np.where(finished & ~np.isin(tok, list(self.eos)), -1, tok))
+            rec_s.append(surprisal)
+            rec_e.append(entropy)
+            if finished.all() or step == max_new_tokens - 1:
+                rec_sp.append(np.full(B, np.nan))
+                rec_d.append(np.zeros(B, bool))
+                break
+            if controller is not None:
+                thresholds = controller.step(surprisal, entropy, tokens=tok)
+                rec_sp.append(np.asarray(controller.last_sparsity, dtype=np.float64))
+                rec_d.append(np.asarray(controller.last_denser, dtype=bool))
+            else:
+                rec_sp.append(np.full(B, np.nan))
+                rec_d.append(np.zeros(B, bool))
+            out = backend.decode(torch.from_numpy(tok), position, self._thresholds(thresholds))
+            position += 1
+        t_decode = time.perf_counter() - t1
+        return GenerationResult(
+            prompt_tokens=[list(p) for p in prompts],
+            tokens=tokens,
+            surprisal=np.array(rec_s),
+            entropy=np.array(rec_e),
+            sparsity=np.array(rec_sp),
+            denser=np.array(rec_d),
+            prefill_seconds=t_prefill,
+            decode_seconds=t_decode,
+            trace=list(getattr(controller, "trace", []) or []),
+        )

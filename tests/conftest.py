@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight checkpoints of each supported family, written
+offline with transformers (``XxxConfig`` -> ``save_pretrained``), and their exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        # Llama 3 style RoPE scaling and tied embeddings, like SmolLM
+        "llama": LlamaConfig(**TINY, tie_word_embeddings=True, rope_theta=50000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        # a sliding window shorter than the test sequences, so the window mask matters
+        "mistral": MistralConfig(**TINY, sliding_window=12, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**TINY, tie_word_embeddings=False),
+        "qwen3": Qwen3Config(**TINY, head_dim=24, tie_word_embeddings=True),
+    }
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def make_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[family])
+    with torch.no_grad():  # random init is tiny; widen it so activations spread like a real model's
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {f: make_checkpoint(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The llama tiny checkpoint exported once (float32)."""
+    from clada_export.export.onnx_export import export_onnx
+    from clada_export.model.loading import load_decoder
+
+    out = tmp_path_factory.mktemp("export") / "llama"
+    model, hf = load_decoder(tiny_checkpoints["llama"])
+    export_onnx(model, hf, out, model_dir=tiny_checkpoints["llama"])
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return err if err == err else float("inf")  # NaN never passes
