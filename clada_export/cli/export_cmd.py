@@ -23,12 +23,12 @@ def run_export(args: argparse.Namespace) -> None:
     if out.exists() and not args.force:  # fail before the slow part
         raise UserError(f"output directory {out} already exists; choose another -o or pass --force to replace it")
     profile = SparsityProfile.load(args.profile) if args.profile else None
+    model_dir = resolve_model_dir(args.model)
     steps = ["load"] + [f"{g}:{s}" for g in C.GRAPHS for s in ("trace", "write")] + ["tokenizer"]
     if args.engine:
         steps += [f"engine:{g}" for g in C.GRAPHS]
     with tqdm(total=len(steps), desc="export", unit="step", file=sys.stderr) as bar:
         bar.set_postfix_str("loading checkpoint")
-        model_dir = resolve_model_dir(args.model)
         model, hf_config = load_decoder(model_dir)
         bar.update()
 

@@ -222,6 +222,7 @@ def export_onnx(
             "format": "clada-export",
             "version": 1,
             "model_type": cfg.model_type,
+            "source": None if model_dir is None else str(Path(model_dir).resolve()),
             "dtype": dtype,
             "config": {k: v for k, v in vars(cfg).items()},
             "hf_config": hf_config.to_dict(),

@@ -137,7 +137,7 @@ class Block(nn.Module):
 @dataclass
 class StepOutput:
     """What one forward step returns. ``logits [B, vocab]`` at each sequence's last
-    token, updated caches, and (when asked) ``act_stats [L, B, 2]``: mean |x| of the MLP
+    token (``[B, T, vocab]`` with ``all_logits``), updated caches, and (when asked) ``act_stats [L, B, 2]``: mean |x| of the MLP
     input over the valid tokens and mean |h| over the last H_STATS_TOKENS of them."""
 
     logits: torch.Tensor
@@ -178,9 +178,12 @@ class Decoder(nn.Module):
         thresholds: torch.Tensor,
         last_index: torch.Tensor | None = None,
         with_stats: bool = False,
+        all_logits: bool = False,
     ) -> StepOutput:
         """One step over ``T`` tokens per sequence. ``last_index [B]``: the index in
-        ``0..T-1`` of each sequence's last real token (right padding); default ``T-1``."""
+        ``0..T-1`` of each sequence's last real token (right padding); default ``T-1``.
+        ``all_logits``: return logits of every position ``[B, T, vocab]`` (perplexity,
+        calibration) instead of the last token's ``[B, vocab]``."""
         B, T = input_ids.shape
         cfg = self.cfg
         x = self.embed_tokens(input_ids)
@@ -215,8 +218,11 @@ class Decoder(nn.Module):
                 stats.append(torch.stack((mean_x, mean_h), dim=-1))
             x = x + layer.mlp(m_in, thresholds[i])
 
-        x_last = torch.gather(x, 1, last_index[:, None, None].expand(B, 1, cfg.hidden_size))[:, 0]
-        logits = self.lm_head(self.norm(x_last)).float()
+        if all_logits:
+            logits = self.lm_head(self.norm(x)).float()
+        else:
+            x_last = torch.gather(x, 1, last_index[:, None, None].expand(B, 1, cfg.hidden_size))[:, 0]
+            logits = self.lm_head(self.norm(x_last)).float()
         return StepOutput(logits, new_k, new_v, torch.stack(stats).float() if with_stats else None)
 
 

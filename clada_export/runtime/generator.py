@@ -125,9 +125,13 @@ class Generator:
                 rec_d.append(np.zeros(B, bool))
                 break
             if controller is not None:
-                thresholds = controller.step(surprisal, entropy, tokens=tok)
-                rec_sp.append(np.asarray(controller.last_sparsity, dtype=np.float64))
-                rec_d.append(np.asarray(controller.last_denser, dtype=bool))
+                n_before = len(controller.records)
+                thresholds = controller.step(surprisal, entropy, tokens=tok, active=~finished)
+                sp, dn = np.full(B, np.nan), np.zeros(B, bool)
+                for r in controller.records[n_before:]:
+                    sp[r["seq"]], dn[r["seq"]] = r["realized"], r["state"] == "denser"
+                rec_sp.append(sp)
+                rec_d.append(dn)
             else:
                 rec_sp.append(np.full(B, np.nan))
                 rec_d.append(np.zeros(B, bool))
@@ -143,5 +147,5 @@ class Generator:
             denser=np.array(rec_d),
             prefill_seconds=t_prefill,
             decode_seconds=t_decode,
-            trace=list(getattr(controller, "trace", []) or []),
+            trace=[] if controller is None else list(controller.records),
         )

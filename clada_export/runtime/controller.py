@@ -1,0 +1,601 @@
+"""CLADA's threshold controller: the sequence level (prefix, "N400") and the token
+level (local, "P600") of the threshold hierarchy (DESIGN.md, docs/controller.md).
+
+The controller turns per-step signals into per-layer, per-sequence thresholds, the
+engine input ``thresholds float32 [L, B, 2]`` (``[..., 0]`` for the MLP input |x|,
+``[..., 1]`` for the intermediate |h|).
+
+* :meth:`ThresholdController.begin` takes the prefill graph's ``act_stats [L, B, 2]``
+  (mean |x|, mean |h| over each prompt's valid tokens) and fixes a per-layer,
+  per-sequence scale ``prompt_mean_abs / calib_mean_abs`` (clamped) that multiplies
+  every threshold of that generation.
+* :meth:`ThresholdController.step` takes the surprisal and entropy (nats) of the
+  step just decoded and returns the thresholds for the next decode step: a percentile
+  rank of the signals within a recent window gives a load in [0, 1]; a small state
+  machine with hysteresis (normal / denser / sparser) turns it into an offset of the
+  target byte sparsity; a budget repays the difference between the target and the
+  realized sparsity so that a generation's mean stays at the target.
+
+Sparsity unit: fraction of MLP weight bytes skipped, ``(2 * s_in + s_mid) / 3`` per
+layer, averaged over layers (``clada_export.profile.byte_sparsity``).
+
+Determinism: all arithmetic is float64, element-wise numpy operations (exactly
+rounded, like scalar C++) and sums in layer order written as explicit loops, so that
+the C++ header ``runtime/include/clada/controller.hpp`` reproduces every decision bit
+for bit. Changing any formula here means changing it there too; the replay tests
+(``tests/test_controller.py``) hold the two together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import IO, Any, Iterable, Sequence
+
+import numpy as np
+
+from clada_export.errors import UserError
+from clada_export.profile import SparsityProfile
+
+TRACE_FORMAT = "clada-controller-trace"
+TRACE_VERSION = 1
+
+NORMAL, DENSER, SPARSER = 0, 1, 2
+STATE_NAMES = ("normal", "denser", "sparser")
+
+# Bounds used when ControllerConfig.min_sparsity / max_sparsity are None.
+DEFAULT_BELOW = 0.20
+DEFAULT_ABOVE = 0.15
+
+
+@dataclass
+class ControllerConfig:
+    """Parameters of the token level and the sequence level. Sparsities are byte
+    sparsities (fractions of MLP weight bytes skipped); loads are percentile ranks in
+    [0, 1]; counts are decode steps.
+
+    Token level
+      window        (16)   recent steps kept per sequence for the percentile ranks.
+      min_history   (16)   warm-up: until this many earlier values are in the window
+                           the load is undefined and the state stays ``normal``.
+      high          (0.95) enter ``denser`` when load >= high.
+      high_margin   (0.1)  stay ``denser`` while load >= high - high_margin.
+      low           (0.4)  a step with load <= low is "easy".
+      easy_steps    (2)    enter ``sparser`` after this many consecutive easy steps.
+      low_margin    (0.2)  stay ``sparser`` while load <= low + low_margin.
+      dense_offset  (0.10) ``denser`` targets target - dense_offset.
+      sparse_offset (0.05) ``sparser`` targets target + sparse_offset.
+      min_sparsity  (None) lower bound of a step's target; None = max(levels[0], target - 0.20).
+      max_sparsity  (None) upper bound; None = min(levels[-1], target + 0.15).
+    Budget
+      payback_steps (16)   each step adds debt / payback_steps to its target ...
+      max_correction(0.15) ... clipped to +-max_correction. debt = sum(target - realized).
+      target        (None) the generation's mean byte sparsity; None = the profile's
+                           allocation (mean over layers of byte_sparsity(s_in, s_mid),
+                           i.e. exactly what static thresholds realize).
+    Sequence level
+      scale_min, scale_max (0.5, 2.0) clamp of the per-layer prompt scale.
+      prefix_strength (1.0) scale = 1 + prefix_strength * (prompt_mean / calib_mean - 1);
+                           0 disables the prefix shift.
+    Trace
+      trace_thresholds (False) also write every step's full thresholds [L, 2] per
+                           sequence into the trace (large; used by the replay tests).
+    """
+
+    window: int = 16
+    min_history: int = 16
+    high: float = 0.95
+    high_margin: float = 0.1
+    low: float = 0.4
+    easy_steps: int = 2
+    low_margin: float = 0.2
+    dense_offset: float = 0.10
+    sparse_offset: float = 0.05
+    min_sparsity: float | None = None
+    max_sparsity: float | None = None
+    payback_steps: int = 16
+    max_correction: float = 0.15
+    target: float | None = None
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    prefix_strength: float = 1.0
+    trace_thresholds: bool = False
+
+    def validate(self) -> None:
+        """Raise UserError naming the first bad field."""
+        def bad(msg: str) -> None:
+            raise UserError(f"controller config: {msg}")
+
+        if int(self.window) != self.window or self.window < 1:
+            bad(f"window must be a positive integer, got {self.window}")
+        if int(self.min_history) != self.min_history or not 1 <= self.min_history <= self.window:
+            bad(f"min_history must be an integer in [1, window={self.window}], got {self.min_history}")
+        if int(self.easy_steps) != self.easy_steps or self.easy_steps < 1:
+            bad(f"easy_steps must be a positive integer, got {self.easy_steps}")
+        if int(self.payback_steps) != self.payback_steps or self.payback_steps < 1:
+            bad(f"payback_steps must be a positive integer, got {self.payback_steps}")
+        if not 0.0 <= self.low < self.high <= 1.0:
+            bad(f"need 0 <= low < high <= 1, got low={self.low}, high={self.high}")
+        for name in ("high_margin", "low_margin", "dense_offset", "sparse_offset", "max_correction", "prefix_strength"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0.0):
+                bad(f"{name} must be a finite number >= 0, got {v}")
+        if not 0.0 < self.scale_min <= 1.0 <= self.scale_max:
+            bad(f"need 0 < scale_min <= 1 <= scale_max, got [{self.scale_min}, {self.scale_max}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ControllerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"controller config has unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def _interp_rows(x: np.ndarray, levels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Row-wise linear interpolation: ``out[l] = interp(x[l], levels, table[l])`` with
+    exactly the arithmetic of ``numpy.interp`` (and so of
+    ``SparsityProfile.thresholds_at``): below/at the first level -> first entry, at or
+    above the last -> last entry, exactly on a level -> that entry, else
+    ``slope * (x - levels[j]) + table[j]`` with ``slope = (table[j+1] - table[j]) /
+    (levels[j+1] - levels[j])`` and ``levels[j] <= x < levels[j+1]``.
+    Shapes: x [L], levels [S], table [L, S]."""
+    S = levels.shape[0]
+    rows = np.arange(table.shape[0])
+    j = np.clip(np.searchsorted(levels, x, side="right") - 1, 0, S - 2)
+    lj, lj1 = levels[j], levels[j + 1]
+    fj, fj1 = table[rows, j], table[rows, j + 1]
+    slope = (fj1 - fj) / (lj1 - lj)
+    out = slope * (x - lj) + fj
+    out = np.where(x == lj, fj, out)
+    out = np.where(x <= levels[0], table[:, 0], out)
+    out = np.where(x >= levels[-1], table[:, -1], out)
+    return out
+
+
+def _rank(v: float, hist: Sequence[float]) -> float:
+    """Percentile rank of ``v`` in ``hist``: ``(count(h < v) + 0.5 * count(h == v)) / n``;
+    0.5 for NaN."""
+    if v != v:
+        return 0.5
+    less = 0
+    eq = 0
+    for h in hist:
+        if h < v:
+            less += 1
+        elif h == v:
+            eq += 1
+    return (float(less) + 0.5 * float(eq)) / float(len(hist))
+
+
+def _seq_mean(values: Iterable[float], n: int) -> float:
+    """Sum in order, then divide: the one summation order both implementations use."""
+    acc = 0.0
+    for v in values:
+        acc += v
+    return acc / n
+
+
+class ThresholdController:
+    """Per-sequence threshold control for a batch of ``batch`` generations.
+
+    Usage per generation::
+
+        ctl = ThresholdController(profile, ControllerConfig(), batch=B)
+        thr = ctl.begin(act_stats)            # [L, B, 2] float32; act_stats [L, B, 2] or None
+        for each decode step:
+            token = sample(logits)            # surprisal/entropy of this pick, nats, [B]
+            thr = ctl.step(surprisal, entropy, tokens=token)   # thresholds for the next step
+            logits = decode(token, thr)
+
+    Every array returned by :meth:`step` is assumed to be used for exactly one decode
+    step: its realized sparsity enters the budget. :meth:`begin` resets all per-sequence
+    state (a controller can be reused across generations of the same batch size).
+    """
+
+    def __init__(
+        self,
+        profile: SparsityProfile,
+        config: ControllerConfig | None = None,
+        batch: int = 1,
+        trace: str | os.PathLike | IO[str] | None = None,
+    ) -> None:
+        """``trace``: a path (opened line-buffered, closed by :meth:`close` or the
+        context manager) or an open text file; every record (see :attr:`records`) is
+        also written there as one JSON line as soon as it is made."""
+        self.profile = profile
+        self.config = config if config is not None else ControllerConfig()
+        self.config.validate()
+        if int(batch) != batch or batch < 1:
+            raise UserError(f"controller batch must be a positive integer, got {batch}")
+        self.batch = int(batch)
+        p = profile
+        self.L = int(p.num_layers)
+        self.levels = np.asarray(p.levels, dtype=np.float64)
+        if self.levels.shape[0] < 2 or not np.all(np.diff(self.levels) > 0):
+            raise UserError("profile levels must be at least 2 strictly increasing values; re-run `clada-export calibrate`")
+        self.t_in = np.asarray(p.t_in, dtype=np.float64)
+        self.t_mid = np.asarray(p.t_mid, dtype=np.float64)
+        self.calib = np.asarray(p.calib_mean_abs, dtype=np.float64)
+        self.a_in = np.asarray(p.s_in, dtype=np.float64)
+        self.a_mid = np.asarray(p.s_mid, dtype=np.float64)
+        self.lo = float(self.levels[0])
+        self.hi = float(self.levels[-1])
+
+        c = self.config
+        if c.target is None:
+            _, _, self.target = self._levels_at(0.0)
+        else:
+            self.target = float(c.target)
+        self.min_sparsity = max(self.lo, self.target - DEFAULT_BELOW) if c.min_sparsity is None else float(c.min_sparsity)
+        self.max_sparsity = min(self.hi, self.target + DEFAULT_ABOVE) if c.max_sparsity is None else float(c.max_sparsity)
+        if not (self.lo <= self.target <= self.hi):
+            raise UserError(f"controller target {self.target} is outside the profile's levels [{self.lo}, {self.hi}]")
+        if not (self.min_sparsity <= self.target <= self.max_sparsity):
+            raise UserError(
+                f"controller bounds [{self.min_sparsity}, {self.max_sparsity}] do not contain the target {self.target}"
+            )
+        self._high_exit = c.high - c.high_margin
+        self._low_exit = c.low + c.low_margin
+
+        self.records: list[dict[str, Any]] = []
+        """Trace records, oldest first: one ``config`` record, then per generation one
+        ``begin`` record and one ``step`` record per (step, active sequence)."""
+        self._trace_file: IO[str] | None = None
+        self._own_trace = False
+        if trace is not None:
+            if hasattr(trace, "write"):
+                self._trace_file = trace  # type: ignore[assignment]
+            else:
+                self._trace_file = open(trace, "w", buffering=1)  # line-buffered: complete lines on disk
+                self._own_trace = True
+        self._emit(self._config_record())
+        self._begun = False
+        self._reset(None)
+
+    # -- public API -----------------------------------------------------------------
+    def begin(self, act_stats: np.ndarray | None = None) -> np.ndarray:
+        """Start a generation. ``act_stats [L, B, 2]``: mean |x| and mean |h| of each
+        layer's MLP input / intermediate over each prompt's valid tokens (same units as
+        the profile's ``calib_mean_abs``), or None for no prefix shift. Returns the
+        thresholds ``float32 [L, B, 2]`` at the target sparsity with the prefix scale
+        applied (not counted in the budget)."""
+        self._emit(self._reset(act_stats))
+        self._begun = True
+        return self._last.copy()
+
+    def step(
+        self,
+        surprisal: np.ndarray,
+        entropy: np.ndarray,
+        tokens: np.ndarray | Sequence[int] | None = None,
+        active: np.ndarray | Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        """One decode step's signals -> the next decode step's thresholds.
+
+        ``surprisal [B]``: -log p (nats) of the token just picked; ``entropy [B]``:
+        entropy (nats) of the distribution it was picked from; ``tokens [B]``: the
+        picked ids (trace only); ``active [B]`` bool: sequences still generating
+        (inactive ones keep their state and previous thresholds and write no record).
+        Returns ``float32 [L, B, 2]``."""
+        if not self._begun:
+            self.begin(None)
+        B = self.batch
+        u = np.asarray(surprisal, dtype=np.float64).reshape(-1)
+        e = np.asarray(entropy, dtype=np.float64).reshape(-1)
+        if u.shape != (B,) or e.shape != (B,):
+            raise ValueError(f"surprisal and entropy must have shape [{B}], got {u.shape} and {e.shape}")
+        tok = None if tokens is None else [int(t) for t in np.asarray(tokens).reshape(-1)]
+        if tok is not None and len(tok) != B:
+            raise ValueError(f"tokens must have shape [{B}], got {len(tok)}")
+        act = [True] * B if active is None else [bool(a) for a in np.asarray(active).reshape(-1)]
+        if len(act) != B:
+            raise ValueError(f"active must have shape [{B}], got {len(act)}")
+        t = self._step_index
+        for b in range(B):
+            if act[b]:
+                self._step_one(b, float(u[b]), float(e[b]), None if tok is None else tok[b], t)
+        self._step_index += 1
+        return self._last.copy()
+
+    def static_thresholds(self, batch: int | None = None) -> np.ndarray:
+        """The allocation's thresholds, no prefix shift, no token control:
+        ``float32 [L, batch, 2]`` (``batch`` defaults to the controller's)."""
+        B = self.batch if batch is None else int(batch)
+        ci, cm, _ = self._levels_at(0.0)
+        thr = np.stack([_interp_rows(ci, self.levels, self.t_in), _interp_rows(cm, self.levels, self.t_mid)], axis=1)
+        return np.repeat(thr[:, None, :], B, axis=1).astype(np.float32)
+
+    @property
+    def mean_sparsity(self) -> np.ndarray:
+        """Mean realized byte sparsity per sequence over this generation's steps
+        ``float64 [B]`` (NaN before the first step)."""
+        n = np.asarray(self._n_steps, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, np.asarray(self._sum_realized) / np.maximum(n, 1), np.nan)
+
+    @property
+    def denser_steps(self) -> np.ndarray:
+        """Steps per sequence whose thresholds were chosen in the ``denser`` state, int [B]."""
+        return np.asarray(self._n_denser, dtype=np.int64)
+
+    @property
+    def sparser_steps(self) -> np.ndarray:
+        """Steps per sequence chosen in the ``sparser`` state, int [B]."""
+        return np.asarray(self._n_sparser, dtype=np.int64)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Steps per sequence counted in this generation (active ones only), int [B]."""
+        return np.asarray(self._n_steps, dtype=np.int64)
+
+    @property
+    def states(self) -> list[str]:
+        """Current state name per sequence."""
+        return [STATE_NAMES[s] for s in self._state]
+
+    @property
+    def debt(self) -> np.ndarray:
+        """Budget debt per sequence, float64 [B]: sum over steps of (target - realized)."""
+        return np.asarray(self._debt, dtype=np.float64)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """The sequence-level scale of this generation, float64 [L, B, 2]."""
+        return self._scale.copy()
+
+    def step_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == "step"]
+
+    def write_trace(self, path: str | os.PathLike) -> None:
+        """Write all records so far as JSON lines."""
+        with open(path, "w") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+
+    def close(self) -> None:
+        if self._trace_file is not None:
+            self._trace_file.flush()
+            if self._own_trace:
+                self._trace_file.close()
+            self._trace_file = None
+
+    def __enter__(self) -> "ThresholdController":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------
+    def _levels_at(self, shift: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """Allocation shifted by ``shift`` and clipped to the table's levels, and the
+        realized byte sparsity: mean over layers of (2 * s_in + s_mid) / 3."""
+        ci = np.minimum(np.maximum(self.a_in + shift, self.lo), self.hi)
+        cm = np.minimum(np.maximum(self.a_mid + shift, self.lo), self.hi)
+        per_layer = (2.0 * ci + cm) / 3.0
+        return ci, cm, _seq_mean(per_layer.tolist(), self.L)
+
+    def _reset(self, act_stats: np.ndarray | None) -> dict[str, Any]:
+        """Clear all per-sequence state, fix the prefix scale; return the begin record."""
+        L, B = self.L, self.batch
+        scale = np.ones((L, B, 2), dtype=np.float64)
+        if act_stats is not None:
+            a = np.asarray(act_stats, dtype=np.float64)
+            if a.shape != (L, B, 2):
+                raise ValueError(f"act_stats must have shape [{L}, {B}, 2], got {list(a.shape)}")
+            for l in range(L):
+                for b in range(B):
+                    for k in range(2):
+                        scale[l, b, k] = self._scale_of(float(a[l, b, k]), float(self.calib[l, k]))
+        self._scale = scale
+        self._hist_u: list[list[float]] = [[] for _ in range(B)]
+        self._hist_e: list[list[float]] = [[] for _ in range(B)]
+        self._state = [NORMAL] * B
+        self._easy_run = [0] * B
+        self._debt = [0.0] * B
+        self._sum_realized = [0.0] * B
+        self._n_steps = [0] * B
+        self._n_denser = [0] * B
+        self._n_sparser = [0] * B
+        self._step_index = 0
+        ci, cm, _ = self._levels_at(0.0)
+        base = np.stack([_interp_rows(ci, self.levels, self.t_in), _interp_rows(cm, self.levels, self.t_mid)], axis=1)
+        self._last = (base[:, None, :] * scale).astype(np.float32)
+        return {
+            "event": "begin",
+            "act_stats": None if act_stats is None else np.asarray(act_stats, dtype=np.float64).tolist(),
+            "scale_in_mean": [_seq_mean(scale[:, b, 0].tolist(), L) for b in range(B)],
+            "scale_mid_mean": [_seq_mean(scale[:, b, 1].tolist(), L) for b in range(B)],
+        }
+
+    def _scale_of(self, prompt_mean: float, calib_mean: float) -> float:
+        c = self.config
+        if not (math.isfinite(prompt_mean) and math.isfinite(calib_mean)) or prompt_mean < 0.0 or calib_mean <= 0.0:
+            return 1.0
+        ratio = prompt_mean / calib_mean
+        s = 1.0 + c.prefix_strength * (ratio - 1.0)
+        return min(max(s, c.scale_min), c.scale_max)
+
+    def _step_one(self, b: int, u: float, e: float, token: int | None, t: int) -> None:
+        c = self.config
+        hu, he = self._hist_u[b], self._hist_e[b]
+        # 1. load: percentile rank of this step's signals among the earlier ones
+        load: float | None = None
+        if len(hu) >= c.min_history and len(he) >= c.min_history:
+            load = max(_rank(u, hu), _rank(e, he))
+        for hist, v in ((hu, u), (he, e)):
+            if v == v:  # NaN never enters the window
+                hist.append(v)
+                if len(hist) > c.window:
+                    del hist[0]
+        # 2. state machine with hysteresis (warm-up: no load, state unchanged = normal)
+        if load is not None:
+            self._easy_run[b] = self._easy_run[b] + 1 if load <= c.low else 0
+            st = self._state[b]
+            if load >= c.high:
+                st = DENSER
+            elif st == DENSER and load >= self._high_exit:
+                st = DENSER
+            elif self._easy_run[b] >= c.easy_steps:
+                st = SPARSER
+            elif st == SPARSER and load <= self._low_exit:
+                st = SPARSER
+            else:
+                st = NORMAL
+            self._state[b] = st
+        st = self._state[b]
+        offset = -c.dense_offset if st == DENSER else (c.sparse_offset if st == SPARSER else 0.0)
+        # 3. budget: repay the debt gradually
+        corr = self._debt[b] / float(c.payback_steps)
+        corr = min(max(corr, -c.max_correction), c.max_correction)
+        s_t = self.target + offset + corr
+        s_t = min(max(s_t, self.min_sparsity), self.max_sparsity)
+        # 4. per-layer levels -> thresholds, times the prefix scale
+        ci, cm, realized = self._levels_at(s_t - self.target)
+        thr_in = _interp_rows(ci, self.levels, self.t_in) * self._scale[:, b, 0]
+        thr_mid = _interp_rows(cm, self.levels, self.t_mid) * self._scale[:, b, 1]
+        self._last[:, b, 0] = thr_in.astype(np.float32)
+        self._last[:, b, 1] = thr_mid.astype(np.float32)
+        self._debt[b] = self._debt[b] + (self.target - realized)
+        self._sum_realized[b] += realized
+        self._n_steps[b] += 1
+        self._n_denser[b] += st == DENSER
+        self._n_sparser[b] += st == SPARSER
+        rec: dict[str, Any] = {
+            "event": "step",
+            "step": t,
+            "seq": b,
+            "token": token,
+            "surprisal": u,
+            "entropy": e,
+            "load": load,
+            "state": STATE_NAMES[st],
+            "target": s_t,
+            "realized": realized,
+            "debt": self._debt[b],
+            "t_in_mean": _seq_mean(thr_in.tolist(), self.L),
+            "t_mid_mean": _seq_mean(thr_mid.tolist(), self.L),
+        }
+        if c.trace_thresholds:
+            rec["thresholds"] = self._last[:, b, :].astype(np.float64).tolist()
+        self._emit(rec)
+
+    def _config_record(self) -> dict[str, Any]:
+        return {
+            "event": "config",
+            "format": TRACE_FORMAT,
+            "version": TRACE_VERSION,
+            "batch": self.batch,
+            "num_layers": self.L,
+            "num_levels": int(self.levels.shape[0]),
+            "profile_fingerprint": self.profile.fingerprint,
+            "target": self.target,
+            "min_sparsity": self.min_sparsity,
+            "max_sparsity": self.max_sparsity,
+            "config": self.config.to_dict(),
+        }
+
+    def _emit(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        if self._trace_file is not None:
+            self._trace_file.write(json.dumps(rec) + "\n")
+
+
+# -- trace replay ------------------------------------------------------------------------
+def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a JSONL trace."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def replay_trace(
+    profile: SparsityProfile, trace: str | os.PathLike | list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Feed a recorded trace's inputs (act_stats, surprisal, entropy, tokens, which
+    sequences were active at each step) through a fresh controller built from the
+    trace's config record; return the new records (compare them with
+    :func:`compare_traces`)."""
+    recs = read_trace(trace) if not isinstance(trace, list) else trace
+    if not recs or recs[0].get("event") != "config" or recs[0].get("format") != TRACE_FORMAT:
+        raise UserError(f"{trace if not isinstance(trace, list) else 'trace'} is not a controller trace")
+    head = recs[0]
+    if head.get("version") != TRACE_VERSION:
+        raise UserError(f"controller trace version {head.get('version')}, this reads {TRACE_VERSION}")
+    if head["num_layers"] != profile.num_layers or head["num_levels"] != len(profile.levels):
+        raise UserError("controller trace was recorded with another profile (layer or level count differs)")
+    B = int(head["batch"])
+    ctl = ThresholdController(profile, ControllerConfig.from_dict(head["config"]), batch=B)
+    i = 1
+    while i < len(recs):
+        r = recs[i]
+        if r["event"] == "begin":
+            ctl.begin(None if r["act_stats"] is None else np.asarray(r["act_stats"], dtype=np.float64))
+            i += 1
+            continue
+        if r["event"] != "step":
+            raise UserError(f"unknown trace event {r['event']!r}")
+        t = r["step"]
+        group = []
+        while i < len(recs) and recs[i]["event"] == "step" and recs[i]["step"] == t:
+            group.append(recs[i])
+            i += 1
+        while ctl._step_index < t:  # steps where no sequence was active
+            ctl.step(np.zeros(B), np.zeros(B), active=np.zeros(B, dtype=bool))
+        u = np.zeros(B)
+        e = np.zeros(B)
+        tok: list[int] = [0] * B
+        has_tok = True
+        act = np.zeros(B, dtype=bool)
+        for g in group:
+            b = g["seq"]
+            u[b], e[b], act[b] = g["surprisal"], g["entropy"], True
+            if g["token"] is None:
+                has_tok = False
+            else:
+                tok[b] = g["token"]
+        ctl.step(u, e, tokens=tok if has_tok else None, active=act)
+    return ctl.records
+
+
+def _num_equal(a: Any, b: Any, rtol: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, list) or isinstance(b, list):
+        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+            _num_equal(x, y, rtol) for x, y in zip(a, b)
+        )
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    a, b = float(a), float(b)
+    if a != a or b != b:
+        return a != a and b != b
+    if a == b:
+        return True
+    return abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def compare_traces(a: list[dict[str, Any]], b: list[dict[str, Any]], rtol: float = 0.0) -> list[str]:
+    """Differences between two record lists (empty = identical decisions). Numbers
+    are compared exactly (``rtol=0``) or to a relative tolerance; states, events,
+    steps and sequence ids exactly."""
+    diffs: list[str] = []
+    if len(a) != len(b):
+        diffs.append(f"record count {len(a)} != {len(b)}")
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        keys = sorted(set(ra) | set(rb))
+        for k in keys:
+            if k in ("config", "format", "profile_fingerprint"):
+                if ra.get(k) != rb.get(k):
+                    diffs.append(f"record {i} ({ra.get('event')}): {k} differs")
+                continue
+            if not _num_equal(ra.get(k), rb.get(k), rtol):
+                diffs.append(f"record {i} ({ra.get('event')} step {ra.get('step')} seq {ra.get('seq')}): "
+                             f"{k} {ra.get(k)!r} != {rb.get(k)!r}")
+        if len(diffs) > 20:
+            break
+    return diffs
