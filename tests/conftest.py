@@ -65,3 +65,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     err = float((a - b).norm() / b.norm().clamp_min(1e-30))
     return err if err == err else float("inf")  # NaN never passes
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_checkpoints):
+    """A profile for the tiny llama: tables recorded on random tokens, a uniform 50%
+    allocation (the runtime tests need a real table, not a good one)."""
+    import numpy as np
+
+    from clada_export.calibrate.tables import record_tables
+    from clada_export.model.loading import load_decoder
+    from clada_export.profile import SparsityProfile, model_fingerprint
+
+    model, hf = load_decoder(tiny_checkpoints["llama"])
+    windows = torch.randint(0, model.cfg.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    t = record_tables(model, windows, batch_size=4, progress=False)
+    L = model.cfg.num_layers
+    return SparsityProfile(
+        fingerprint=model_fingerprint(hf.to_dict()), model_type="llama", num_layers=L,
+        hidden_size=model.cfg.hidden_size, intermediate_size=model.cfg.intermediate_size,
+        levels=t.levels, t_in=t.t_in, t_mid=t.t_mid, calib_mean_abs=t.calib_mean_abs,
+        target_sparsity=0.5, s_in=np.full(L, 0.5), s_mid=np.full(L, 0.5), method="uniform",
+    )

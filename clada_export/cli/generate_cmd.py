@@ -87,6 +87,7 @@ def run_generate(args: argparse.Namespace) -> None:
     profile_path = export_dir / "profile.json"
     profile = SparsityProfile.load(profile_path) if profile_path.is_file() else None
     factory, static, mode = None, None, "dense"
+    controllers: list[ThresholdController] = []
     if profile is None and not args.dense:
         print("note: this export has no sparsity profile, so it runs dense; "
               "export with --profile for CLADA thresholds", file=sys.stderr)
@@ -94,8 +95,6 @@ def run_generate(args: argparse.Namespace) -> None:
         if args.static:
             static, mode = profile.static_thresholds(), "static"
         else:
-            controllers = []
-
             def factory(batch: int) -> ThresholdController:
                 controllers.append(ThresholdController(profile, ControllerConfig(), batch=batch, trace=args.trace))
                 return controllers[-1]
@@ -123,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if stream:
         sys.stdout.write(texts[0] if not args.chat else "")
     result = gen.generate(prompts, args.max_new_tokens, sampling, on_tokens=on_tokens)
-    for controller in (controllers if mode == "dynamic" else []):
+    for controller in controllers:
         controller.close()
     if stream:
         sys.stdout.write("\n")

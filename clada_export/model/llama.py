@@ -67,6 +67,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.inplace_cache = False
 
     def forward(
         self,
@@ -89,11 +90,16 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        # Functional cache write (scatter at each token's slot): the graph returns the
-        # updated cache, and a runtime may bind input and output to the same buffer.
+        # Functional cache write (scatter at each token's slot) for export: the graph
+        # returns the updated cache, and a runtime may bind input and output to the same
+        # buffer. The GPU path (inplace_cache) writes the preallocated cache in place.
         slots = positions[:, None, :, None].expand(B, cfg.num_kv_heads, T, d)
-        k_cache = k_cache.scatter(2, slots, k.to(k_cache.dtype))
-        v_cache = v_cache.scatter(2, slots, v.to(v_cache.dtype))
+        if self.inplace_cache:  # GPU decode: no copy of the cache per step
+            k_cache.scatter_(2, slots, k.to(k_cache.dtype))
+            v_cache.scatter_(2, slots, v.to(v_cache.dtype))
+        else:
+            k_cache = k_cache.scatter(2, slots, k.to(k_cache.dtype))
+            v_cache = v_cache.scatter(2, slots, v.to(v_cache.dtype))
 
         groups = cfg.num_heads // cfg.num_kv_heads
         max_len = k_cache.shape[2]
@@ -113,11 +119,16 @@ class SparseMLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.act = cfg.act
+        # The CUDA kernel (clada_export.ops.native.sparse_mlp_cuda) for decode steps, set
+        # explicitly by the GPU path; None runs the reference op.
+        self.decode_kernel = None
         self.w_gate_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
         self.w_up_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
         self.w_down_t = nn.Parameter(torch.empty(cfg.intermediate_size, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        if self.decode_kernel is not None and x.shape[1] == 1:
+            return self.decode_kernel(x, self.w_gate_t, self.w_up_t, self.w_down_t, thresholds, self.act)
         return sparse_mlp_op(x, self.w_gate_t, self.w_up_t, self.w_down_t, thresholds, self.act)
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,30 +50,57 @@ class Backend(abc.ABC):
 
 
 class TorchBackend(Backend):
-    """Our Decoder in eager PyTorch, through the same wrappers the exporter traces."""
+    """Our Decoder in PyTorch, through the same wrappers the exporter traces.
 
-    def __init__(self, model: Decoder, device: str | torch.device = "cpu"):
+    ``cuda_graph=True`` (CUDA only) is the GPU fast path: decode steps replay one
+    captured CUDA graph that runs the SparseMLP kernels (``runtime/cuda_graph.py``);
+    prefill stays eager and writes the same preallocated cache in place.
+    """
+
+    def __init__(self, model: Decoder, device: str | torch.device = "cpu", cuda_graph: bool = False):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        self.cuda_graph = cuda_graph
         self.num_layers = model.cfg.num_layers
         self.vocab_size = model.cfg.vocab_size
         self._prefill = PrefillGraph(self.model)
         self._decode = DecodeGraph(self.model)
         self._caches: list[torch.Tensor] = []
+        self._graphs: dict[tuple[int, int], object] = {}
+        self._graph = None
 
     def start(self, batch: int, max_len: int) -> None:
-        k, v = self.model.new_cache(batch, max_len, device=self.device)
-        self._caches = [t for pair in zip(k, v) for t in pair]
+        if not self.cuda_graph:
+            k, v = self.model.new_cache(batch, max_len, device=self.device)
+            self._caches = [t for pair in zip(k, v) for t in pair]
+            return
+        from clada_export.runtime.cuda_graph import CudaGraphDecode
+
+        key = (batch, max_len)
+        if key not in self._graphs:  # capture once per shape; the caches belong to the graph
+            k, v = self.model.new_cache(batch, max_len, device=self.device)
+            self._graphs[key] = CudaGraphDecode(self.model, batch, max_len, k, v)
+        self._graph = self._graphs[key]
+        for t in (*self._graph.k, *self._graph.v):
+            t.zero_()
+        self._caches = [t for pair in zip(self._graph.k, self._graph.v) for t in pair]
 
     @torch.no_grad()
     def prefill(self, input_ids, seq_lens, thresholds):
         out = self._prefill(input_ids.to(self.device), seq_lens.to(self.device), thresholds.to(self.device),
                             *self._caches)
-        self._caches = list(out[4:])
+        if not self.cuda_graph:
+            self._caches = list(out[4:])
         return StepResult(out[0], out[1], out[2], out[3])
 
     @torch.no_grad()
     def decode(self, tokens, position, thresholds):
+        if self.cuda_graph:
+            logits, entropy, lse = self._graph.step(tokens.to(self.device), position.to(self.device),
+                                                    thresholds.to(self.device))
+            return StepResult(logits, entropy, lse)
         out = self._decode(tokens.to(self.device)[:, None], position.to(self.device), thresholds.to(self.device),
                            *self._caches)
         self._caches = list(out[3:])
