@@ -101,14 +101,17 @@ class Attention(nn.Module):
             k_cache = k_cache.scatter(2, slots, k.to(k_cache.dtype))
             v_cache = v_cache.scatter(2, slots, v.to(v_cache.dtype))
 
+        # Grouped-query attention without copying the cache per query head: the query
+        # heads that share a KV head are stacked along the query axis
+        # ([B, kv_heads, groups * T, d]), so each KV head is read once.
         groups = cfg.num_heads // cfg.num_kv_heads
         max_len = k_cache.shape[2]
-        keys = k_cache[:, :, None].expand(B, cfg.num_kv_heads, groups, max_len, d).reshape(B, cfg.num_heads, max_len, d)
-        values = v_cache[:, :, None].expand(B, cfg.num_kv_heads, groups, max_len, d).reshape(B, cfg.num_heads, max_len, d)
-        scores = (q @ keys.transpose(-1, -2)) * (d ** -0.5)
-        scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
-        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ values
-        out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * d)
+        qg = q.reshape(B, cfg.num_kv_heads, groups * T, d)
+        scores = (qg @ k_cache.transpose(-1, -2).to(q.dtype)) * (d ** -0.5)
+        visible = mask[:, None, None].expand(B, 1, groups, T, max_len).reshape(B, 1, groups * T, max_len)
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v_cache.to(q.dtype)
+        out = out.reshape(B, cfg.num_heads, T, d).transpose(1, 2).reshape(B, T, cfg.num_heads * d)
         return self.o_proj(out), k_cache, v_cache
 
 

@@ -53,16 +53,19 @@ class TorchBackend(Backend):
     """Our Decoder in PyTorch, through the same wrappers the exporter traces.
 
     ``cuda_graph=True`` (CUDA only) is the GPU fast path: decode steps replay one
-    captured CUDA graph that runs the SparseMLP kernels (``runtime/cuda_graph.py``);
-    prefill stays eager and writes the same preallocated cache in place.
+    captured CUDA graph that runs the SparseMLP kernels (``runtime/cuda_graph.py``),
+    torch.compile'd first with ``compile=True``; prefill stays eager and writes the
+    same preallocated cache in place.
     """
 
-    def __init__(self, model: Decoder, device: str | torch.device = "cpu", cuda_graph: bool = False):
+    def __init__(self, model: Decoder, device: str | torch.device = "cpu", cuda_graph: bool = False,
+                 compile: bool = False):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs a CUDA device")
         self.cuda_graph = cuda_graph
+        self.compile = compile
         self.num_layers = model.cfg.num_layers
         self.vocab_size = model.cfg.vocab_size
         self._prefill = PrefillGraph(self.model)
@@ -81,7 +84,7 @@ class TorchBackend(Backend):
         key = (batch, max_len)
         if key not in self._graphs:  # capture once per shape; the caches belong to the graph
             k, v = self.model.new_cache(batch, max_len, device=self.device)
-            self._graphs[key] = CudaGraphDecode(self.model, batch, max_len, k, v)
+            self._graphs[key] = CudaGraphDecode(self.model, batch, max_len, k, v, compile=self.compile)
         self._graph = self._graphs[key]
         for t in (*self._graph.k, *self._graph.v):
             t.zero_()

@@ -32,7 +32,9 @@ class CudaGraphDecode:
     before the next step."""
 
     def __init__(self, model: Decoder, batch: int, max_len: int, k_caches: list[torch.Tensor],
-                 v_caches: list[torch.Tensor], use_kernels: bool = True):
+                 v_caches: list[torch.Tensor], use_kernels: bool = True, compile: bool = False):
+        """``compile``: torch.compile the step before capture (fuses the many small
+        non-MLP kernels of each layer; the SparseMLP kernel stays an opaque custom op)."""
         dev = k_caches[0].device
         if dev.type != "cuda":
             raise ValueError("CudaGraphDecode needs the model and caches on a CUDA device")
@@ -45,16 +47,18 @@ class CudaGraphDecode:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.position = torch.zeros(batch, dtype=torch.long, device=dev)
         self.thresholds = torch.zeros(L, batch, 2, dtype=torch.float32, device=dev)
-        # warm up on a side stream (kernels load, workspaces allocate), then capture
+        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # warm up on a side stream (kernels load, workspaces allocate, compilation runs),
+        # then capture
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                self._forward()
+            for _ in range(3):
+                self._step_fn()
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits, self.entropy, self.logsumexp = self._forward()
+            self.logits, self.entropy, self.logsumexp = self._step_fn()
 
     def _forward(self):
         out = self.model(self.tokens, self.position[:, None], self.k, self.v, self.thresholds)
