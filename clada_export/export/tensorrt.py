@@ -10,6 +10,7 @@ parser inlines the op's ONNX function body.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from types import ModuleType
 
 from clada_export import contract as C
 from clada_export.errors import UserError
+
+PLUGIN_LIBRARY_ENV = "CLADA_TRT_PLUGIN"
+_BUILT_PLUGIN = Path(__file__).resolve().parents[2] / "plugins" / "build" / "libclada_trt_plugin.so"
 
 # (min, opt, max) of each symbolic dimension in the engines' optimization profile
 DEFAULT_RANGES = {"batch": (1, 1, 8), "seq": (1, 128, 2048), "max_len": (16, 2048, 4096)}
@@ -95,18 +99,57 @@ def _dim_names(name: str, graph: str, rank: int) -> list[str]:
     return [d if isinstance(d, str) else "" for d in spec.shape][:rank]
 
 
+def find_plugin_library() -> Path | None:
+    """libclada_trt_plugin.so: ``$CLADA_TRT_PLUGIN``, else the CMake build in plugins/build, else None."""
+    path = os.environ.get(PLUGIN_LIBRARY_ENV)
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"{PLUGIN_LIBRARY_ENV}={path} does not exist; build plugins/tensorrt "
+                            "(see plugins/tensorrt/README.md) or unset it")
+        return Path(path)
+    return _BUILT_PLUGIN if _BUILT_PLUGIN.is_file() else None
+
+
+@contextlib.contextmanager
+def sparse_mlp_plugin(trt: ModuleType, library: Path):
+    """The SparseMLP plugin registered for the duration. Parse and build ``*.plugin.onnx``
+    inside; parse graphs whose function body should be inlined (prefill) outside: the
+    parser prefers a registered plugin over a node's body."""
+    if is_rtx(trt):  # TensorRT-RTX has no plugin layers; its parser aborts the process on one
+        raise UserError("the SparseMLP plugin needs TensorRT; TensorRT-RTX cannot build *.plugin.onnx")
+    registry = trt.get_plugin_registry()
+    handle = registry.load_library(str(library))
+    if handle is None or registry.get_creator(C.OP_NAME, str(C.OP_VERSION), "") is None:
+        raise UserError(f"could not load the SparseMLP TensorRT plugin from {library}")
+    try:
+        yield
+    finally:
+        registry.deregister_library(handle)
+
+
 def build_engines(export_dir: Path, on_step: Callable[[str], None] | None = None, fp16: bool = False) -> list[Path]:
     """Build ``<graph>.engine`` for both graphs of an export (RTX engines get the suffix
-    ``.rtx.engine``). Written beside the ONNX files, temp-then-rename."""
+    ``.rtx.engine``), written beside the ONNX files, temp-then-rename. The decode engine
+    binds SparseMLP to the plugin where real TensorRT, the plugin library and a float16
+    export come together; otherwise (and always for prefill, which is compute-bound)
+    TensorRT inlines the op's ONNX function body."""
     from clada_export.export.onnx_export import read_manifest
 
     trt = import_tensorrt()
     manifest = read_manifest(export_dir)
+    library = find_plugin_library()
     written = []
     for graph in C.GRAPHS:
+        use_plugin = (graph == C.DECODE and library is not None and not is_rtx(trt)
+                      and manifest["dtype"] == "float16")
         if on_step:
-            on_step(f"building {graph} engine ({trt.__name__})")
-        blob = build_engine(Path(export_dir) / manifest["graphs"][graph]["onnx"], graph, fp16=fp16, trt=trt)
+            on_step(f"building {graph} engine ({trt.__name__}{', SparseMLP plugin' if use_plugin else ''})")
+        if use_plugin:
+            with sparse_mlp_plugin(trt, library):
+                blob = build_engine(Path(export_dir) / manifest["graphs"][graph]["plugin_onnx"], graph,
+                                    fp16=fp16, trt=trt)
+        else:
+            blob = build_engine(Path(export_dir) / manifest["graphs"][graph]["onnx"], graph, fp16=fp16, trt=trt)
         path = Path(export_dir) / f"{graph}{'.rtx' if is_rtx(trt) else ''}.engine"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(blob)
