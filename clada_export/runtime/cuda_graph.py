@@ -33,15 +33,18 @@ class CudaGraphDecode:
 
     def __init__(self, model: Decoder, batch: int, max_len: int, k_caches: list[torch.Tensor],
                  v_caches: list[torch.Tensor], use_kernels: bool = True, compile: bool = False):
-        """``compile``: torch.compile the step before capture (fuses the many small
-        non-MLP kernels of each layer; the SparseMLP kernel stays an opaque custom op)."""
+        """``use_kernels``: route the MLPs' decode steps through the SparseMLP CUDA
+        kernel (False keeps the model's MLP routing as it is, e.g. a benchmark's dense
+        baseline). ``compile``: torch.compile the step before capture (fuses the many
+        small non-MLP kernels of each layer; the kernel stays an opaque custom op)."""
         dev = k_caches[0].device
         if dev.type != "cuda":
             raise ValueError("CudaGraphDecode needs the model and caches on a CUDA device")
         self.model = model
         for layer in model.layers:
             layer.self_attn.inplace_cache = True
-        use_decode_kernels(model, use_kernels)
+        if use_kernels:
+            use_decode_kernels(model)
         self.k, self.v = k_caches, v_caches
         L = model.cfg.num_layers
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)

@@ -1,0 +1,261 @@
+"""ctypes binding of ``libclada_kernels.so`` (plugins/kernels): the CUDA SparseMLP.
+
+``sparse_mlp_cuda(x, w_gate_t, w_up_t, w_down_t, thresholds, act)`` computes exactly the op
+of :func:`clada_export.ops.sparse_mlp.sparse_mlp_reference` (same weight layout:
+``w_gate_t``/``w_up_t`` ``[hidden, inter]``, ``w_down_t`` ``[inter, hidden]``; thresholds
+``[B, 2]`` float32 on the device) for decode batches of up to 8 rows, bf16 or fp16, with
+fp32 accumulation. It launches on ``torch.cuda.current_stream()`` and is registered as the
+torch custom op ``clada::sparse_mlp_cuda``, so it can be captured in a CUDA graph (the
+thresholds are read from device memory: update them in place between replays) and seen by
+``torch.compile``.
+
+The library is found through ``$CLADA_KERNELS_LIB``, else ``plugins/build/libclada_kernels.so``
+in the repository. There is no silent fallback: if it is missing, calls raise
+:class:`NativeKernelsUnavailable` with the command that builds it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from clada_export.ops.sparse_mlp import ACTIVATIONS, check_thresholds
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_LIB = REPO_ROOT / "plugins" / "build" / "libclada_kernels.so"
+BUILD_COMMAND = (
+    "cmake -S plugins -B plugins/build -DCMAKE_BUILD_TYPE=Release && cmake --build plugins/build -j"
+)
+ABI_VERSION = 1
+MAX_BATCH = 8
+MAX_HIDDEN = 8192
+
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+assert set(_ACTS) == set(ACTIVATIONS)
+
+
+class NativeKernelsUnavailable(RuntimeError):
+    """libclada_kernels.so could not be found or loaded."""
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("gateup_splits", ctypes.c_int),
+        ("down_rows_per_block", ctypes.c_int),
+        ("flags", ctypes.c_int),
+        ("reserved", ctypes.c_int * 5),
+    ]
+
+
+_lib: ctypes.CDLL | None = None
+_lib_lock = threading.Lock()
+
+
+def library_path() -> Path:
+    env = os.environ.get("CLADA_KERNELS_LIB")
+    return Path(env) if env else DEFAULT_LIB
+
+
+def load_library() -> ctypes.CDLL:
+    """Load (once) and return the kernel library; raise NativeKernelsUnavailable if absent."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        path = library_path()
+        if not path.is_file():
+            raise NativeKernelsUnavailable(
+                f"CUDA kernel library not found at {path} (set CLADA_KERNELS_LIB to override). "
+                f"Build it from the repository root with:\n    {BUILD_COMMAND}"
+            )
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeKernelsUnavailable(f"cannot load {path}: {exc}. Rebuild with:\n    {BUILD_COMMAND}") from exc
+        lib.clada_kernels_abi_version.restype = ctypes.c_int
+        lib.clada_kernels_abi_version.argtypes = []
+        version = lib.clada_kernels_abi_version()
+        if version != ABI_VERSION:
+            raise NativeKernelsUnavailable(
+                f"{path} has ABI version {version}, this binding expects {ABI_VERSION}; rebuild with:\n    {BUILD_COMMAND}"
+            )
+        lib.clada_sparse_mlp_workspace_size.restype = ctypes.c_size_t
+        lib.clada_sparse_mlp_workspace_size.argtypes = [ctypes.c_int] * 3
+        lib.clada_sparse_mlp.restype = ctypes.c_int
+        lib.clada_sparse_mlp.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        lib.clada_error_string.restype = ctypes.c_char_p
+        lib.clada_error_string.argtypes = [ctypes.c_int]
+        _lib = lib
+        return lib
+
+
+def is_available() -> bool:
+    """True when the kernel library loads and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        load_library()
+    except NativeKernelsUnavailable:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ workspace
+# One persistent fp32 workspace per (device, hidden, inter), sized for MAX_BATCH rows. It
+# is zero-filled once; every call leaves it zeroed, so no memset is launched per call.
+# Workspaces are never freed: a captured CUDA graph keeps pointing at them.
+# Calls sharing a workspace must be ordered (one stream, as in a decode loop).
+_workspaces: dict[tuple[int, int, int], tuple[torch.Tensor, bool]] = {}
+
+
+def _workspace(device: torch.device, hidden: int, inter: int) -> tuple[torch.Tensor, bool]:
+    key = (device.index if device.index is not None else torch.cuda.current_device(), hidden, inter)
+    entry = _workspaces.get(key)
+    if entry is None:
+        nbytes = load_library().clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter)
+        buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        # Allocated during stream capture, the zero-fill is only recorded, not run: such a
+        # workspace is zero-filled by every call instead (correct everywhere, one memset).
+        zeroed = not torch.cuda.is_current_stream_capturing()
+        entry = (buf, zeroed)
+        _workspaces[key] = entry
+    return entry
+
+
+_tuning = _Config()
+
+
+FLAG_PDL = 1  # stage 2 by programmatic dependent launch (sm_90+); off by default
+FLAG_FUSED = 2  # both stages in one persistent launch
+
+
+def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int = 0) -> None:
+    """Override the launch shapes (0 = automatic) and flags (FLAG_*); for benchmarks and
+    tuning. Applies to later launches (a captured graph keeps the shapes it was captured with)."""
+    _tuning.gateup_splits = int(gateup_splits)
+    _tuning.down_rows_per_block = int(down_rows_per_block)
+    _tuning.flags = int(flags)
+
+
+def _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act) -> None:
+    if act not in _ACTS:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"sparse_mlp_cuda supports bfloat16 and float16, got {x.dtype}")
+    for name, t in (("w_gate_t", w_gate_t), ("w_up_t", w_up_t), ("w_down_t", w_down_t)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+        if t.dim() != 2 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 2-D tensor, got shape {list(t.shape)}")
+    if x.device.type != "cuda":
+        raise ValueError(f"sparse_mlp_cuda needs CUDA tensors, got {x.device}")
+    hidden = x.shape[-1]
+    inter = w_gate_t.shape[1]
+    if tuple(w_gate_t.shape) != (hidden, inter) or tuple(w_up_t.shape) != (hidden, inter):
+        raise ValueError(
+            f"w_gate_t/w_up_t must be [hidden={hidden}, inter], got {list(w_gate_t.shape)}, {list(w_up_t.shape)}"
+        )
+    if tuple(w_down_t.shape) != (inter, hidden):
+        raise ValueError(f"w_down_t must be [inter={inter}, hidden={hidden}], got {list(w_down_t.shape)}")
+    if hidden % 8 or inter % 8 or hidden > MAX_HIDDEN:
+        raise ValueError(f"hidden and inter must be multiples of 8 and hidden <= {MAX_HIDDEN}; got {hidden}, {inter}")
+    check_thresholds(thresholds, x.shape[0])
+    if thresholds.device != x.device:
+        raise ValueError(f"thresholds are on {thresholds.device}, x on {x.device}")
+
+
+def sparse_mlp_cuda_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """Write the op's result for 2-D ``x`` ``[B, hidden]`` (B <= 8) into ``out`` ``[B, hidden]``."""
+    lib = load_library()
+    rows, hidden = x.shape
+    inter = w_gate_t.shape[1]
+    if not 1 <= rows <= MAX_BATCH:
+        raise ValueError(f"sparse_mlp_cuda handles 1..{MAX_BATCH} rows per call, got {rows}")
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor shaped and typed like x")
+    thr = thresholds if thresholds.dtype == torch.float32 and thresholds.is_contiguous() else thresholds.float().contiguous()
+    ws, zeroed = _workspace(x.device, hidden, inter)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    status = lib.clada_sparse_mlp(
+        x.data_ptr(),
+        w_gate_t.data_ptr(),
+        w_up_t.data_ptr(),
+        w_down_t.data_ptr(),
+        thr.data_ptr(),
+        out.data_ptr(),
+        rows,
+        hidden,
+        inter,
+        _DTYPES[x.dtype],
+        _ACTS[act],
+        ws.data_ptr(),
+        ws.numel(),
+        1 if zeroed else 0,
+        ctypes.addressof(_tuning),
+        stream,
+    )
+    if status != 0:
+        raise RuntimeError(f"clada_sparse_mlp failed: {lib.clada_error_string(status).decode()} (status {status})")
+    return out
+
+
+@torch.library.custom_op("clada::sparse_mlp_cuda", mutates_args=(), device_types="cuda")
+def sparse_mlp_cuda_op(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str,
+) -> torch.Tensor:
+    _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
+    batch, hidden = x.shape[0], x.shape[-1]
+    tokens = x.numel() // (batch * hidden)
+    x2 = x.reshape(batch * tokens, hidden).contiguous()
+    thr = thresholds if tokens == 1 else thresholds.repeat_interleave(tokens, dim=0)
+    out = torch.empty_like(x2)
+    sparse_mlp_cuda_into(out, x2, w_gate_t, w_up_t, w_down_t, thr, act)
+    return out.reshape(x.shape)
+
+
+@sparse_mlp_cuda_op.register_fake
+def _(x, w_gate_t, w_up_t, w_down_t, thresholds, act):
+    return x.new_empty((*x.shape[:-1], w_down_t.shape[-1]))
+
+
+def sparse_mlp_cuda(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """The SparseMLP op on the GPU. ``x``: ``[B, ..., hidden]`` with B * (tokens per row) <= 8;
+    ``thresholds``: ``[B, 2]`` float32 (t_in, t_mid). Returns ``[B, ..., hidden]`` in x's dtype.
+    Raises NativeKernelsUnavailable when the library is missing."""
+    load_library()  # raise the clear error before touching the dispatcher
+    return sparse_mlp_cuda_op(x, w_gate_t, w_up_t, w_down_t, thresholds, act)

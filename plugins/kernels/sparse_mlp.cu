@@ -1,0 +1,893 @@
+// CLADA sparse MLP for decode (batch 1..8): two split-K GEMV kernels.
+//
+// Stage 1 (gateup_kernel): grid = (column tiles of `inter`, splits of `hidden`). Each
+//   block loads its slice of x for every batch row, applies the per-row input
+//   thresholds, and compacts the indices of the rows of W_gate_t/W_up_t that any batch
+//   row needs into shared memory (no separate compaction pass). Its warps then stream
+//   only those rows (one warp = one 512-byte row segment of each matrix, 16-byte loads,
+//   several rows in flight), reduce across warps in shared memory, and add their fp32
+//   partial sums into the workspace accumulators acc1[b][gate|up][inter] with atomics.
+// Stage 2 (down_kernel): grid = blocks of `down_rows_per_block` intermediate rows; a
+//   block owns its rows and all hidden columns. It reads the finished gate/up sums of
+//   its rows, computes h = act(g) * u and the mid threshold per batch row (fused here,
+//   so h never goes to memory), zeroes those accumulators for the next call, compacts
+//   the rows any batch row needs, streams those rows of W_down_t (whole contiguous
+//   rows) and adds its partial y into acc2[b][hidden] (vector atomics on sm_90). The
+//   last block to finish (a counter in the workspace) converts acc2 to y in the
+//   activation dtype and zeroes acc2 and the counter, so the workspace is zero again.
+//
+// Thresholds are read from device memory: one CUDA graph serves every threshold.
+//
+// fused_kernel (CLADA_FLAG_FUSED, off by default) runs both stages in one persistent
+// launch; measured slower on the H100 (benchmarks/NOTES.md, v4).
+
+#include "sparse_mlp.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kS1Threads = 256;  // 8 warps
+constexpr int kS1Warps = kS1Threads / kWarp;
+constexpr int kS1Cols = kWarp * 8;  // columns of one block tile: 32 lanes x 8 (16 bytes)
+#ifndef CLADA_S1_UNROLL
+#define CLADA_S1_UNROLL 4
+#endif
+constexpr int kS1Unroll = CLADA_S1_UNROLL;  // rows in flight per warp
+constexpr int kS2MaxThreads = 512;
+// Rows of W_down_t in flight per thread: as many as registers allow without spilling.
+template <int BT, int VPT>
+constexpr int s2_unroll() {
+  return VPT == 1 ? 8 : (BT >= 8 ? 2 : 4);
+}
+constexpr int kSmemCap = 46 * 1024;         // stay under the 48 KB default dynamic limit
+
+// ---------------------------------------------------------------- element helpers
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+
+// 8 packed 16-bit values -> 8 floats.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4 v, float (&f)[8]);
+template <>
+__device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4 v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    f[2 * k] = __uint_as_float(w[k] << 16);
+    f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+template <>
+__device__ __forceinline__ void unpack8<__half>(const uint4 v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    __half2 h;
+    *reinterpret_cast<uint32_t*>(&h) = w[k];
+    const float2 t = __half22float2(h);
+    f[2 * k] = t.x;
+    f[2 * k + 1] = t.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Weights are read exactly once per call: keep them out of L1, hint a 256-byte L2 fetch.
+__device__ __forceinline__ uint4 ld_weights(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ int cdiv_dev(int a, int b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ unsigned lanemask_lt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float activation(float g, int act) {
+  if (act == CLADA_ACT_SILU) return g / (1.0f + __expf(-g));
+  if (act == CLADA_ACT_GELU_TANH) {
+    const float k = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    return 0.5f * g * (1.0f + tanhf(k));
+  }
+  return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+}
+
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(a, b, c, d));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+  atomicAdd(p + 2, c);
+  atomicAdd(p + 3, d);
+#endif
+}
+
+// Block-wide stream compaction step: each thread has `keep`; returns this thread's slot
+// (valid when keep) and adds the block's count to `base`. Uses s_cnt[nwarps].
+__device__ __forceinline__ int compact_slot(bool keep, int* s_cnt, int nwarps, int& base) {
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const unsigned m = __ballot_sync(0xffffffffu, keep);
+  if (lane == 0) s_cnt[warp] = __popc(m);
+  __syncthreads();
+  int off = base, tot = 0;
+  for (int w = 0; w < nwarps; ++w) {
+    const int c = s_cnt[w];
+    off += (w < warp) ? c : 0;
+    tot += c;
+  }
+  off += __popc(m & lanemask_lt());
+  base += tot;
+  __syncthreads();  // s_cnt is reused by the next round
+  return off;
+}
+
+// ---------------------------------------------------------------- stage 1
+// acc1 layout: [batch][2][inter] fp32 (gate sums, then up sums), zero on entry.
+template <typename T, int BT>
+__global__ void __launch_bounds__(kS1Threads)
+    gateup_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
+                  const float* __restrict__ thr, float* __restrict__ acc1, int B, int H, int I,
+                  int kc) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s_red = reinterpret_cast<float*>(smem_raw);         // [warps][2][kS1Cols]
+  float* s_xs = s_red + kS1Warps * 2 * kS1Cols;              // [kc][BT]
+  int* s_idx = reinterpret_cast<int*>(s_xs + (size_t)kc * BT);  // [kc]
+  __shared__ int s_cnt[kS1Warps];
+
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  // Let stage 2 be launched now (it waits for this grid's completion before reading
+  // anything): hides its launch latency. A no-op without programmatic launch.
+  pdl_launch_dependents();
+  const int col0 = blockIdx.x * kS1Cols;
+  const int k0 = blockIdx.y * kc;
+  const int k1 = min(H, k0 + kc);
+  // Every thread loads the thresholds itself (broadcast loads, in flight together with
+  // the x loads below: no barrier in the prologue's latency chain). Rows b >= B never
+  // pass (+inf threshold) and are never read.
+  float s_tin[BT];
+#pragma unroll
+  for (int b = 0; b < BT; ++b) s_tin[b] = (b < B) ? __ldg(thr + 2 * b) : __int_as_float(0x7f800000);
+
+  // 1. Threshold x and compact the rows any batch row needs (ascending row order).
+  int n = 0;
+  for (int r0 = k0; r0 < k1; r0 += kS1Threads) {
+    const int i = r0 + tid;
+    float v[BT];
+    bool any = false;
+#pragma unroll
+    for (int b = 0; b < BT; ++b) {
+      v[b] = 0.0f;
+      if (b < B && i < k1) {
+        const float xv = to_float(x[(size_t)b * H + i]);
+        // NaN fails the comparison and is dropped, exactly as in the reference op.
+        if (fabsf(xv) > s_tin[b]) {
+          v[b] = xv;
+          any = true;
+        }
+      }
+    }
+    const int slot = compact_slot(any, s_cnt, kS1Warps, n);
+    if (any) {
+      s_idx[slot] = i;
+#pragma unroll
+      for (int b = 0; b < BT; ++b) s_xs[slot * BT + b] = v[b];
+    }
+  }
+  __syncthreads();
+  if (n == 0) return;  // nothing to add: the accumulators keep their value
+
+  // 2. Stream the needed rows: warp w takes entries w, w+8, ...; lane covers 8 columns.
+  float ag[BT][8], au[BT][8];
+#pragma unroll
+  for (int b = 0; b < BT; ++b)
+#pragma unroll
+    for (int c = 0; c < 8; ++c) ag[b][c] = au[b][c] = 0.0f;
+
+  const int col = col0 + lane * 8;
+  const bool col_ok = col < I;
+  const T* pg = wg + col;
+  const T* pu = wu + col;
+  for (int e = warp; e < n; e += kS1Warps * kS1Unroll) {
+    uint4 g[kS1Unroll], u[kS1Unroll];
+#pragma unroll
+    for (int q = 0; q < kS1Unroll; ++q) {
+      const int eq = e + q * kS1Warps;
+      g[q] = u[q] = make_uint4(0u, 0u, 0u, 0u);
+      if (eq < n && col_ok) {
+        const size_t row = (size_t)s_idx[eq] * I;
+        g[q] = ld_weights(pg + row);
+        u[q] = ld_weights(pu + row);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kS1Unroll; ++q) {
+      const int eq = e + q * kS1Warps;
+      if (eq < n) {
+        float fg[8], fu[8];
+        unpack8<T>(g[q], fg);
+        unpack8<T>(u[q], fu);
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          const float xs = s_xs[eq * BT + b];
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
+            au[b][c] = fmaf(xs, fu[c], au[b][c]);
+          }
+        }
+      }
+    }
+  }
+
+  // 3. Reduce the warps' partial sums in shared memory, one batch row at a time, then
+  //    one coalesced atomic add per column into the workspace.
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    if (b >= B) break;
+    float4* dst_g = reinterpret_cast<float4*>(s_red + (warp * 2 + 0) * kS1Cols + lane * 8);
+    float4* dst_u = reinterpret_cast<float4*>(s_red + (warp * 2 + 1) * kS1Cols + lane * 8);
+    dst_g[0] = make_float4(ag[b][0], ag[b][1], ag[b][2], ag[b][3]);
+    dst_g[1] = make_float4(ag[b][4], ag[b][5], ag[b][6], ag[b][7]);
+    dst_u[0] = make_float4(au[b][0], au[b][1], au[b][2], au[b][3]);
+    dst_u[1] = make_float4(au[b][4], au[b][5], au[b][6], au[b][7]);
+    __syncthreads();
+    float sg = 0.0f, su = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kS1Warps; ++w) {
+      sg += s_red[(w * 2 + 0) * kS1Cols + tid];
+      su += s_red[(w * 2 + 1) * kS1Cols + tid];
+    }
+    const int c = col0 + tid;
+    if (c < I) {
+      atomicAdd(acc1 + ((size_t)b * 2 + 0) * I + c, sg);
+      atomicAdd(acc1 + ((size_t)b * 2 + 1) * I + c, su);
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------- stage 2
+// acc2 layout: [batch][hidden] fp32, zero on entry. counter: zero on entry.
+template <typename T, int BT, int VPT>
+__global__ void __launch_bounds__(kS2MaxThreads)
+    down_kernel(float* __restrict__ acc1, const T* __restrict__ wd, const float* __restrict__ thr,
+                float* __restrict__ acc2, unsigned* __restrict__ counter, T* __restrict__ y, int B,
+                int H, int I, int jc, int act) {
+  constexpr int kS2Unroll = s2_unroll<BT, VPT>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s_hs = reinterpret_cast<float*>(smem_raw);              // [jc][BT]
+  int* s_idx = reinterpret_cast<int*>(s_hs + (size_t)jc * BT);   // [jc]
+  __shared__ int s_cnt[kS2MaxThreads / kWarp];
+  __shared__ bool s_last;
+
+  const int tid = threadIdx.x, nthreads = blockDim.x, nwarps = nthreads / kWarp;
+  // With programmatic launch this block may start before stage 1 finished: wait for it
+  // (full completion and memory visibility of the previous grid).
+  pdl_wait_previous();
+  const int j0 = blockIdx.x * jc;
+  const int j1 = min(I, j0 + jc);
+  float s_tmid[BT];  // per thread, loaded together with the acc1 loads below
+#pragma unroll
+  for (int b = 0; b < BT; ++b) s_tmid[b] = (b < B) ? __ldg(thr + 2 * b + 1) : __int_as_float(0x7f800000);
+
+  // 1. h = act(g) * u from the finished stage-1 sums, mid threshold, compaction. This
+  //    block is the only reader of acc1[:, :, j0:j1], so it zeroes them for the next call.
+  int n = 0;
+  for (int r0 = j0; r0 < j1; r0 += nthreads) {
+    const int j = r0 + tid;
+    float hv[BT];
+    bool any = false;
+#pragma unroll
+    for (int b = 0; b < BT; ++b) {
+      hv[b] = 0.0f;
+      if (b < B && j < j1) {
+        float* pg = acc1 + ((size_t)b * 2 + 0) * I + j;
+        float* pu = acc1 + ((size_t)b * 2 + 1) * I + j;
+        const float g = __ldcg(pg), u = __ldcg(pu);
+        __stcg(pg, 0.0f);
+        __stcg(pu, 0.0f);
+        const float h = activation(g, act) * u;
+        if (fabsf(h) > s_tmid[b]) {
+          hv[b] = h;
+          any = true;
+        }
+      }
+    }
+    const int slot = compact_slot(any, s_cnt, nwarps, n);
+    if (any) {
+      s_idx[slot] = j;
+#pragma unroll
+      for (int b = 0; b < BT; ++b) s_hs[slot * BT + b] = hv[b];
+    }
+  }
+  __syncthreads();
+
+  // 2. Stream the needed rows of W_down_t: the block reads whole contiguous rows.
+  if (n > 0) {
+    float a[VPT][BT][8];
+#pragma unroll
+    for (int v = 0; v < VPT; ++v)
+#pragma unroll
+      for (int b = 0; b < BT; ++b)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) a[v][b][c] = 0.0f;
+    int col[VPT];
+    bool ok[VPT];
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      col[v] = (v * nthreads + tid) * 8;
+      ok[v] = col[v] < H;
+    }
+    for (int e = 0; e < n; e += kS2Unroll) {
+      uint4 w[kS2Unroll][VPT];
+#pragma unroll
+      for (int q = 0; q < kS2Unroll; ++q) {
+        const int eq = e + q;
+        const size_t row = (size_t)s_idx[min(eq, n - 1)] * H;
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          w[q][v] = make_uint4(0u, 0u, 0u, 0u);
+          if (eq < n && ok[v]) w[q][v] = ld_weights(wd + row + col[v]);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kS2Unroll; ++q) {
+        const int eq = e + q;
+        if (eq < n) {
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) {
+            float f[8];
+            unpack8<T>(w[q][v], f);
+#pragma unroll
+            for (int b = 0; b < BT; ++b) {
+              const float hs = s_hs[eq * BT + b];
+#pragma unroll
+              for (int c = 0; c < 8; ++c) a[v][b][c] = fmaf(hs, f[c], a[v][b][c]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      if (!ok[v]) continue;
+#pragma unroll
+      for (int b = 0; b < BT; ++b) {
+        if (b >= B) break;
+        float* p = acc2 + (size_t)b * H + col[v];
+        red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
+        red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
+      }
+    }
+  }
+
+  // 3. The last block converts the finished sums to y and leaves the workspace zeroed.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = (atomicAdd(counter, 1u) == gridDim.x - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int total4 = (B * H) / 4;
+  for (int k = tid; k < total4; k += nthreads) {
+    float4* p = reinterpret_cast<float4*>(acc2) + k;
+    const float4 s = __ldcg(p);
+    __stcg(p, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    uint2 o;
+    o.x = pack2<T>(s.x, s.y);
+    o.y = pack2<T>(s.z, s.w);
+    reinterpret_cast<uint2*>(y)[k] = o;
+  }
+  if (tid == 0) *counter = 0u;
+}
+
+// ---------------------------------------------------------------- fused (one launch)
+// The same two stages in one persistent kernel. Work items come from a queue (an atomic
+// counter in the workspace): first the stage-1 items (tile, split), split fastest so
+// tiles complete one after another, then the stage-2 items (row chunks). A stage-2 item
+// waits until every split of the tiles holding its rows has signalled (per-tile counters),
+// so stage 2 starts on early tiles while stage 1 finishes late ones, with no kernel
+// boundary. No deadlock whatever the residency: items are taken in order, so when an
+// item waits, every stage-1 item it waits for was already taken by a running block, and
+// stage-1 items never wait.
+// ctrl: [0] queue, [1] exited blocks, [2 + t] splits done of tile t; zero on entry.
+constexpr int kFusedMaxThreads = 512;
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <typename T, int BT, int VPT>
+__global__ void __launch_bounds__(kFusedMaxThreads, (BT <= 1 && VPT == 1) ? 2 : 1)
+    fused_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
+                 const T* __restrict__ wd, const float* __restrict__ thr, float* __restrict__ acc1,
+                 float* __restrict__ acc2, unsigned* __restrict__ ctrl, T* __restrict__ y, int B, int H,
+                 int I, int kc, int splits, int jc, int act) {
+  constexpr int kS2Unroll = s2_unroll<BT, VPT>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int nthreads = blockDim.x, nwarps = nthreads / kWarp;
+  float* s_red = reinterpret_cast<float*>(smem_raw);                 // [nwarps][2][kS1Cols]
+  float* s_val = s_red + (size_t)nwarps * 2 * kS1Cols;               // [max(kc, jc)][BT]
+  int* s_idx = reinterpret_cast<int*>(s_val + (size_t)max(kc, jc) * BT);  // [max(kc, jc)]
+  __shared__ int s_cnt[kFusedMaxThreads / kWarp];
+  __shared__ float s_tin[BT], s_tmid[BT];
+  __shared__ int s_item, s_next;
+  __shared__ bool s_last;
+
+  const int ntiles = cdiv_dev(I, kS1Cols);
+  const int n1 = ntiles * splits;
+  const int total = n1 + cdiv_dev(I, jc);
+  unsigned* tile_done = ctrl + 2;
+  if (tid < BT) {
+    s_tin[tid] = (tid < B) ? thr[2 * tid] : __int_as_float(0x7f800000);
+    s_tmid[tid] = (tid < B) ? thr[2 * tid + 1] : __int_as_float(0x7f800000);
+  }
+  if (tid == 0) s_item = (int)atomicAdd(ctrl, 1u);
+  __syncthreads();
+
+  for (;;) {
+    const int item = s_item;
+    if (item >= total) break;
+    if (tid == 0) s_next = (int)atomicAdd(ctrl, 1u);  // prefetch the next item
+    if (item < n1) {
+      // ---- stage 1: rows [k0, k1) of W_gate_t/W_up_t, columns [col0, col0 + 256)
+      const int tile = item / splits, split = item - tile * splits;
+      const int col0 = tile * kS1Cols;
+      const int k0 = split * kc, k1 = min(H, k0 + kc);
+      int n = 0;
+      for (int r0 = k0; r0 < k1; r0 += nthreads) {
+        const int i = r0 + tid;
+        float v[BT];
+        bool any = false;
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          v[b] = 0.0f;
+          if (b < B && i < k1) {
+            const float xv = to_float(x[(size_t)b * H + i]);
+            if (fabsf(xv) > s_tin[b]) {
+              v[b] = xv;
+              any = true;
+            }
+          }
+        }
+        const int slot = compact_slot(any, s_cnt, nwarps, n);
+        if (any) {
+          s_idx[slot] = i;
+#pragma unroll
+          for (int b = 0; b < BT; ++b) s_val[slot * BT + b] = v[b];
+        }
+      }
+      __syncthreads();
+      if (n > 0) {
+        float ag[BT][8], au[BT][8];
+#pragma unroll
+        for (int b = 0; b < BT; ++b)
+#pragma unroll
+          for (int c = 0; c < 8; ++c) ag[b][c] = au[b][c] = 0.0f;
+        const int col = col0 + lane * 8;
+        const bool col_ok = col < I;
+        for (int e = warp; e < n; e += nwarps * kS1Unroll) {
+          uint4 g[kS1Unroll], u[kS1Unroll];
+#pragma unroll
+          for (int q = 0; q < kS1Unroll; ++q) {
+            const int eq = e + q * nwarps;
+            g[q] = u[q] = make_uint4(0u, 0u, 0u, 0u);
+            if (eq < n && col_ok) {
+              const size_t row = (size_t)s_idx[eq] * I + col;
+              g[q] = ld_weights(wg + row);
+              u[q] = ld_weights(wu + row);
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < kS1Unroll; ++q) {
+            const int eq = e + q * nwarps;
+            if (eq < n) {
+              float fg[8], fu[8];
+              unpack8<T>(g[q], fg);
+              unpack8<T>(u[q], fu);
+#pragma unroll
+              for (int b = 0; b < BT; ++b) {
+                const float xs = s_val[eq * BT + b];
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                  ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
+                  au[b][c] = fmaf(xs, fu[c], au[b][c]);
+                }
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          if (b >= B) break;
+          float4* dg = reinterpret_cast<float4*>(s_red + (warp * 2 + 0) * kS1Cols + lane * 8);
+          float4* du = reinterpret_cast<float4*>(s_red + (warp * 2 + 1) * kS1Cols + lane * 8);
+          dg[0] = make_float4(ag[b][0], ag[b][1], ag[b][2], ag[b][3]);
+          dg[1] = make_float4(ag[b][4], ag[b][5], ag[b][6], ag[b][7]);
+          du[0] = make_float4(au[b][0], au[b][1], au[b][2], au[b][3]);
+          du[1] = make_float4(au[b][4], au[b][5], au[b][6], au[b][7]);
+          __syncthreads();
+          for (int o = tid; o < 2 * kS1Cols; o += nthreads) {  // o: [gate|up][column]
+            const int which = o / kS1Cols, c = o - which * kS1Cols;
+            float sum = 0.0f;
+            for (int w = 0; w < nwarps; ++w) sum += s_red[(w * 2 + which) * kS1Cols + c];
+            if (col0 + c < I) atomicAdd(acc1 + ((size_t)b * 2 + which) * I + col0 + c, sum);
+          }
+          __syncthreads();
+        }
+      }
+      // publish: this split of the tile is in acc1
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicAdd(tile_done + tile, 1u);
+    } else {
+      // ---- stage 2: rows [j0, j1) of W_down_t, all columns
+      const int chunk = item - n1;
+      const int j0 = chunk * jc, j1 = min(I, j0 + jc);
+      if (tid == 0) {
+        for (int t = j0 / kS1Cols; t <= (j1 - 1) / kS1Cols; ++t)
+          while (ld_acquire(tile_done + t) < (unsigned)splits) __nanosleep(64);
+      }
+      __syncthreads();
+      __threadfence();
+      int n = 0;
+      for (int r0 = j0; r0 < j1; r0 += nthreads) {
+        const int j = r0 + tid;
+        float hv[BT];
+        bool any = false;
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          hv[b] = 0.0f;
+          if (b < B && j < j1) {
+            float* pg = acc1 + ((size_t)b * 2 + 0) * I + j;
+            float* pu = acc1 + ((size_t)b * 2 + 1) * I + j;
+            const float g = __ldcg(pg), u = __ldcg(pu);
+            __stcg(pg, 0.0f);
+            __stcg(pu, 0.0f);
+            const float h = activation(g, act) * u;
+            if (fabsf(h) > s_tmid[b]) {
+              hv[b] = h;
+              any = true;
+            }
+          }
+        }
+        const int slot = compact_slot(any, s_cnt, nwarps, n);
+        if (any) {
+          s_idx[slot] = j;
+#pragma unroll
+          for (int b = 0; b < BT; ++b) s_val[slot * BT + b] = hv[b];
+        }
+      }
+      __syncthreads();
+      if (n > 0) {
+        float a[VPT][BT][8];
+#pragma unroll
+        for (int v = 0; v < VPT; ++v)
+#pragma unroll
+          for (int b = 0; b < BT; ++b)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) a[v][b][c] = 0.0f;
+        int col[VPT];
+        bool ok[VPT];
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          col[v] = (v * nthreads + tid) * 8;
+          ok[v] = col[v] < H;
+        }
+        for (int e = 0; e < n; e += kS2Unroll) {
+          uint4 w[kS2Unroll][VPT];
+#pragma unroll
+          for (int q = 0; q < kS2Unroll; ++q) {
+            const int eq = e + q;
+            const size_t row = (size_t)s_idx[min(eq, n - 1)] * H;
+#pragma unroll
+            for (int v = 0; v < VPT; ++v) {
+              w[q][v] = make_uint4(0u, 0u, 0u, 0u);
+              if (eq < n && ok[v]) w[q][v] = ld_weights(wd + row + col[v]);
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < kS2Unroll; ++q) {
+            const int eq = e + q;
+            if (eq < n) {
+#pragma unroll
+              for (int v = 0; v < VPT; ++v) {
+                float f[8];
+                unpack8<T>(w[q][v], f);
+#pragma unroll
+                for (int b = 0; b < BT; ++b) {
+                  const float hs = s_val[eq * BT + b];
+#pragma unroll
+                  for (int c = 0; c < 8; ++c) a[v][b][c] = fmaf(hs, f[c], a[v][b][c]);
+                }
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          if (!ok[v]) continue;
+#pragma unroll
+          for (int b = 0; b < BT; ++b) {
+            if (b >= B) break;
+            float* p = acc2 + (size_t)b * H + col[v];
+            red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
+            red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // s_val/s_idx/s_red are reused by the next item
+    if (tid == 0) s_item = s_next;
+    __syncthreads();
+  }
+
+  // The last block out converts acc2 to y and leaves the workspace zeroed.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = (atomicAdd(ctrl + 1, 1u) == gridDim.x - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int total4 = (B * H) / 4;
+  for (int k = tid; k < total4; k += nthreads) {
+    float4* p = reinterpret_cast<float4*>(acc2) + k;
+    const float4 sum = __ldcg(p);
+    __stcg(p, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    uint2 o;
+    o.x = pack2<T>(sum.x, sum.y);
+    o.y = pack2<T>(sum.z, sum.w);
+    reinterpret_cast<uint2*>(y)[k] = o;
+  }
+  for (int t = tid; t < ntiles; t += nthreads) tile_done[t] = 0u;
+  if (tid == 0) {
+    ctrl[0] = 0u;
+    ctrl[1] = 0u;
+  }
+}
+
+// ---------------------------------------------------------------- host side
+constexpr size_t kCtrlBytes = 4096;
+size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+struct WorkspaceLayout {
+  size_t acc1, acc2, counter, total;
+};
+WorkspaceLayout layout(int batch, int hidden, int inter) {
+  WorkspaceLayout l;
+  l.acc1 = 0;
+  l.acc2 = align_up((size_t)batch * 2 * inter * sizeof(float), 256);
+  l.counter = l.acc2 + align_up((size_t)batch * hidden * sizeof(float), 256);
+  l.total = l.counter + kCtrlBytes;  // counters (fused path: queue, exits, tiles)
+  return l;
+}
+
+// Resident blocks per SM of a kernel (occupancy query, cached per kernel and device).
+int blocks_per_sm(const void* fn, int threads, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const auto key = std::make_tuple(fn, dev, threads, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int nb = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, threads, smem) != cudaSuccess || nb < 1) {
+    cudaGetLastError();  // clear it: a zero here only means "one block"
+    nb = 1;
+  }
+  cache[key] = nb;
+  return nb;
+}
+
+bool pdl_supported() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 9;
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1)
+    sms = 1;
+  return sms;
+}
+
+template <typename T, int BT, int VPT>
+int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, const float* thr,
+                 void* y, int B, int H, int I, int act, char* ws,
+                 const clada_sparse_mlp_config* cfg, cudaStream_t stream) {
+  const WorkspaceLayout l = layout(B, H, I);
+  float* acc1 = reinterpret_cast<float*>(ws + l.acc1);
+  float* acc2 = reinterpret_cast<float*>(ws + l.acc2);
+  unsigned* counter = reinterpret_cast<unsigned*>(ws + l.counter);
+  const int sms = sm_count();
+
+  // Stage 1 launch shape: 128 x BT rows of hidden per block. Every block adds its
+  // [B, 2, 256] partial with atomics, so the atomic count is splits x B x 2 x inter:
+  // this keeps it at ~32 x 2 x inter whatever B, and gives B=1 many small blocks (measured
+  // best on H100: 32 splits for B=1, 8 for B=4 on Llama-3-8B).
+  const int ntiles = cdiv(I, kS1Cols);
+  const size_t red_bytes = (size_t)kS1Warps * 2 * kS1Cols * sizeof(float);
+  const int kc_cap = (int)((kSmemCap - red_bytes) / ((BT + 1) * sizeof(float))) / 32 * 32;
+  int splits = cfg && cfg->gateup_splits > 0 ? cfg->gateup_splits : 0;
+  // Small models (few tiles): at least enough blocks to give every SM one.
+  if (splits == 0) splits = max(cdiv(H, 128 * BT), cdiv(sms, ntiles));
+  splits = max(1, min(splits, cdiv(H, 32)));
+  int kc = (int)align_up((size_t)cdiv(H, splits), 32);
+  if (kc > kc_cap) kc = kc_cap;
+  splits = cdiv(H, kc);
+  const size_t smem1 = red_bytes + (size_t)kc * (BT + 1) * sizeof(float);
+
+  // Stage 2 launch shape: each block owns `jc` rows of W_down_t and all hidden columns.
+  const int vec = H / 8;
+  const int threads2 = (int)align_up((size_t)cdiv(vec, VPT), kWarp);
+  const int jc_cap = (int)(kSmemCap / ((BT + 1) * sizeof(float))) / 8 * 8;
+  int jc = cfg && cfg->down_rows_per_block > 0 ? cfg->down_rows_per_block : 0;
+  if (jc == 0) {
+    // One block per SM: every block adds a whole [B, hidden] partial into acc2 with
+    // atomics, so more blocks cost more same-address atomics (measured: 448 blocks were
+    // 15 us slower than 128 on Llama-3-8B); loads in flight come from the unroll.
+    jc = (int)align_up((size_t)cdiv(I, sms), 8);
+  }
+  jc = max(1, min(jc, jc_cap));
+  const int nblocks2 = cdiv(I, jc);
+  const size_t smem2 = (size_t)jc * (BT + 1) * sizeof(float);
+
+  if (cfg && (cfg->flags & CLADA_FLAG_FUSED)) {
+    // One persistent launch: ~max(256, stage-2 block) threads, blocks to fill the GPU once.
+    const int threads_f = max(256, threads2);
+    const size_t red_f = (size_t)(threads_f / kWarp) * 2 * kS1Cols * sizeof(float);
+    const int cap_f = (int)((kSmemCap - red_f) / ((BT + 1) * sizeof(float))) / 32 * 32;
+    int splits_f = cfg->gateup_splits > 0 ? cfg->gateup_splits : cdiv(H, 256 * BT);
+    splits_f = max(1, min(splits_f, cdiv(H, 32)));
+    int kc_f = (int)align_up((size_t)cdiv(H, splits_f), 32);
+    kc_f = min(kc_f, cap_f);
+    splits_f = cdiv(H, kc_f);
+    const int jc_f = min(jc, cap_f);
+    const size_t smem_f = red_f + (size_t)max(kc_f, jc_f) * (BT + 1) * sizeof(float);
+    const int grid_f = blocks_per_sm((const void*)fused_kernel<T, BT, VPT>, threads_f, smem_f) * sms;
+    fused_kernel<T, BT, VPT><<<grid_f, threads_f, smem_f, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(wg), static_cast<const T*>(wu),
+        static_cast<const T*>(wd), thr, acc1, acc2, counter, static_cast<T*>(y), B, H, I, kc_f,
+        splits_f, jc_f, act);
+    return (int)cudaGetLastError();
+  }
+
+  gateup_kernel<T, BT><<<dim3(ntiles, splits), kS1Threads, smem1, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(wg), static_cast<const T*>(wu), thr, acc1,
+      B, H, I, kc);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return (int)err;
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = dim3(nblocks2);
+  lc.blockDim = dim3(threads2);
+  lc.dynamicSmemBytes = smem2;
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  const bool pdl = cfg && (cfg->flags & CLADA_FLAG_PDL) && pdl_supported();
+  lc.attrs = pdl ? attr : nullptr;
+  lc.numAttrs = pdl ? 1 : 0;
+  err = cudaLaunchKernelEx(&lc, down_kernel<T, BT, VPT>, acc1, static_cast<const T*>(wd), thr,
+                           acc2, counter, static_cast<T*>(y), B, H, I, jc, act);
+  if (err != cudaSuccess) return (int)err;
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int launch_dtype(const void* x, const void* wg, const void* wu, const void* wd, const float* thr,
+                 void* y, int B, int H, int I, int act, char* ws,
+                 const clada_sparse_mlp_config* cfg, cudaStream_t stream) {
+  const bool two = (H / 8) > kS2MaxThreads;  // 16 columns per thread in stage 2
+#define CLADA_LAUNCH(BT)                                                                      \
+  return two ? launch_typed<T, BT, 2>(x, wg, wu, wd, thr, y, B, H, I, act, ws, cfg, stream) \
+             : launch_typed<T, BT, 1>(x, wg, wu, wd, thr, y, B, H, I, act, ws, cfg, stream)
+  if (B <= 1) CLADA_LAUNCH(1);
+  if (B <= 2) CLADA_LAUNCH(2);
+  if (B <= 4) CLADA_LAUNCH(4);
+  CLADA_LAUNCH(8);
+#undef CLADA_LAUNCH
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+extern "C" {
+
+int clada_kernels_abi_version(void) { return CLADA_KERNELS_ABI_VERSION; }
+
+size_t clada_sparse_mlp_workspace_size(int batch, int hidden, int inter) {
+  if (batch < 1 || hidden < 1 || inter < 1) return 0;
+  return layout(batch, hidden, inter).total;
+}
+
+int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* w_up_t, const void* w_down_t,
+                     const float* thresholds, void* y, int batch, int hidden, int inter, int dtype,
+                     int act, void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
+                     const clada_sparse_mlp_config* config, cudaStream_t stream) {
+  if (batch < 1 || batch > CLADA_SPARSE_MLP_MAX_BATCH) return (int)cudaErrorInvalidValue;
+  if (hidden < 8 || inter < 8 || hidden % 8 != 0 || inter % 8 != 0)
+    return (int)cudaErrorInvalidValue;
+  if (hidden > CLADA_SPARSE_MLP_MAX_HIDDEN) return (int)cudaErrorNotSupported;
+  if ((inter + 255) / 256 + 2 > (int)(kCtrlBytes / sizeof(unsigned))) return (int)cudaErrorNotSupported;
+  if (act < CLADA_ACT_SILU || act > CLADA_ACT_GELU) return (int)cudaErrorInvalidValue;
+  if (!x || !w_gate_t || !w_up_t || !w_down_t || !thresholds || !y || !workspace)
+    return (int)cudaErrorInvalidValue;
+  if (!aligned16(x) || !aligned16(w_gate_t) || !aligned16(w_up_t) || !aligned16(w_down_t) ||
+      !aligned16(y) || !aligned16(workspace))
+    return (int)cudaErrorInvalidValue;
+  const size_t need = layout(batch, hidden, inter).total;
+  if (workspace_bytes < need) return (int)cudaErrorInvalidValue;
+  if (!workspace_is_zeroed) {
+    const cudaError_t err = cudaMemsetAsync(workspace, 0, need, stream);
+    if (err != cudaSuccess) return (int)err;
+  }
+  char* ws = static_cast<char*>(workspace);
+  if (dtype == CLADA_DTYPE_BF16)
+    return launch_dtype<__nv_bfloat16>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden,
+                                       inter, act, ws, config, stream);
+  if (dtype == CLADA_DTYPE_F16)
+    return launch_dtype<__half>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden, inter,
+                                act, ws, config, stream);
+  return (int)cudaErrorInvalidValue;
+}
+
+const char* clada_error_string(int status) { return cudaGetErrorString((cudaError_t)status); }
+
+}  // extern "C"

@@ -1,0 +1,86 @@
+/*
+ * CLADA sparse MLP kernels: C ABI.
+ *
+ * The op (see docs in plugins/kernels/README.md and clada_export/ops/sparse_mlp.py):
+ *   x_s = x * (|x| > t_in[b]);  h = act(x_s @ Wg) * (x_s @ Wu);
+ *   h_s = h * (|h| > t_mid[b]); y = h_s @ Wd
+ * for a decode batch of 1..8 rows, bf16 or fp16 weights/activations, fp32 accumulation.
+ *
+ * Layout (row-major, contiguous, 16-byte aligned base pointers):
+ *   x          [batch, hidden]            activation dtype
+ *   w_gate_t   [hidden, inter]            input-major: a skipped x_i skips row i
+ *   w_up_t     [hidden, inter]
+ *   w_down_t   [inter, hidden]            a skipped h_j skips row j
+ *   thresholds [batch, 2] float32         (t_in, t_mid) per row, read on the device
+ *   y          [batch, hidden]            activation dtype
+ *
+ * The kernels know nothing of TensorRT or torch. All functions are asynchronous on
+ * `stream` and can be captured in a CUDA graph.
+ */
+#ifndef CLADA_SPARSE_MLP_H_
+#define CLADA_SPARSE_MLP_H_
+
+#include <stddef.h>
+#include <cuda_runtime_api.h>
+
+#if defined(_WIN32)
+#define CLADA_API __declspec(dllexport)
+#else
+#define CLADA_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CLADA_KERNELS_ABI_VERSION 1
+#define CLADA_SPARSE_MLP_MAX_BATCH 8
+#define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
+
+typedef enum { CLADA_DTYPE_F16 = 0, CLADA_DTYPE_BF16 = 1 } clada_dtype_t;
+typedef enum { CLADA_ACT_SILU = 0, CLADA_ACT_GELU_TANH = 1, CLADA_ACT_GELU = 2 } clada_act_t;
+
+/* Launch-shape overrides (0 = automatic). For benchmarks and tuning only. */
+typedef struct {
+  int gateup_splits;        /* stage 1: number of splits of the hidden (K) dimension */
+  int down_rows_per_block;  /* stage 2: intermediate rows owned by one block */
+  int flags;                /* CLADA_FLAG_* */
+  int reserved[5];
+} clada_sparse_mlp_config;
+
+/* Launch stage 2 with programmatic dependent launch (sm_90+). Off by default: on the
+ * H100 it measured no faster (benchmarks/NOTES.md). */
+#define CLADA_FLAG_PDL 1
+/* Run both stages in one persistent launch (a work queue, per-tile completion counters:
+ * stage 2 starts on finished tiles while stage 1 runs). */
+#define CLADA_FLAG_FUSED 2
+
+CLADA_API int clada_kernels_abi_version(void);
+
+/* Bytes of device workspace for one call (fp32 accumulators and a counter). The
+ * workspace serves batches up to `batch`; one workspace must not be used by two calls
+ * that may run at the same time (e.g. on two streams). */
+CLADA_API size_t clada_sparse_mlp_workspace_size(int batch, int hidden, int inter);
+
+/* Computes y. Returns 0 (cudaSuccess) or a cudaError_t code: cudaErrorInvalidValue for
+ * bad arguments (shapes, alignment, workspace too small), cudaErrorNotSupported for
+ * unsupported sizes, or the launch error.
+ *
+ * workspace_is_zeroed: pass 1 when the workspace is persistent and was zero-filled once
+ * before its first use: every successful call leaves it zero-filled again, so no memset
+ * is needed (the torch binding does this). Pass 0 for scratch memory (e.g. a TensorRT
+ * enqueue workspace): the call then zero-fills it first with cudaMemsetAsync. */
+CLADA_API int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* w_up_t,
+                               const void* w_down_t, const float* thresholds, void* y,
+                               int batch, int hidden, int inter, int dtype, int act,
+                               void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
+                               const clada_sparse_mlp_config* config, cudaStream_t stream);
+
+/* Human-readable text for a status returned above. */
+CLADA_API const char* clada_error_string(int status);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CLADA_SPARSE_MLP_H_ */

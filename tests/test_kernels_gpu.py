@@ -1,0 +1,315 @@
+"""GPU tests of the CUDA SparseMLP (plugins/kernels) against the reference op.
+
+Skipped without CUDA. On a GPU machine the kernel library must be built first
+(benchmarks/gpu_check.sh does it); a missing library is an error, never a skip.
+Every check draws fresh random inputs and poisons the output with NaN first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from clada_export.ops import native
+from clada_export.ops.sparse_mlp import dense_mlp, sparse_mlp_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# (hidden, intermediate) of the MLPs the kernels must serve
+SHAPES = {
+    "llama3-8b": (4096, 14336),
+    "mistral-7b": (4096, 14336),
+    "qwen2-7b": (3584, 18944),
+    "smollm-135m": (576, 1536),
+    "tiny": (256, 768),  # the random checkpoint of tests/test_gpu_decode.py
+}
+BATCHES = (1, 2, 4, 8)
+SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
+DTYPES = (torch.bfloat16, torch.float16)
+REL_TOL = 1e-2
+
+_cache: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    return native.load_library()  # raises NativeKernelsUnavailable with the build command
+
+
+def weights(hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
+    """Random weights in the kernel layout plus float64 copies; one entry cached."""
+    key = (hidden, inter, dtype)
+    if key not in _cache:
+        _cache.clear()
+        torch.cuda.empty_cache()
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        wg = (torch.randn(hidden, inter, device="cuda", generator=g) / hidden**0.5).to(dtype)
+        wu = (torch.randn(hidden, inter, device="cuda", generator=g) / hidden**0.5).to(dtype)
+        wd = (torch.randn(inter, hidden, device="cuda", generator=g) / inter**0.5).to(dtype)
+        _cache[key] = (wg, wu, wd, wg.double(), wu.double(), wd.double())
+    return _cache[key]
+
+
+def thresholds_for(x: torch.Tensor, w64, sparsity: float, act: str = "silu") -> torch.Tensor:
+    """Per-row thresholds: quantiles of |x| and |h| of each row, at a sparsity that also
+    differs a little between rows, so rows of one batch have different thresholds."""
+    b = x.shape[0]
+    if sparsity == 0.0:
+        return torch.zeros(b, 2, device=x.device, dtype=torch.float32)
+    per_row = (sparsity + 0.04 * (torch.arange(b, device=x.device) - (b - 1) / 2) / max(b, 1)).clamp(0.0, 0.97)
+    xa = x.double().abs()
+    t_in = torch.stack([torch.quantile(xa[i], per_row[i].double()) for i in range(b)])
+    x_s = torch.where(xa > t_in[:, None], x.double(), 0.0)
+    wg, wu, _ = w64
+    from clada_export.ops.sparse_mlp import activation
+
+    h = (activation(x_s @ wg, act) * (x_s @ wu)).abs()
+    t_mid = torch.stack([torch.quantile(h[i], per_row[i].double()) for i in range(b)])
+    return torch.stack([t_in, t_mid], dim=1).float().contiguous()
+
+
+def run_kernel(x, wg, wu, wd, thr, act="silu") -> torch.Tensor:
+    out = torch.full_like(x, float("nan"))  # poison: an unwritten element fails the check
+    native.sparse_mlp_cuda_into(out, x, wg, wu, wd, thr, act)
+    torch.cuda.synchronize()
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()  # NaN anywhere -> NaN -> fails <=
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_kernel_matches_reference(model, dtype):
+    hidden, inter = SHAPES[model]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
+    failures = []
+    for batch in BATCHES:
+        for sparsity in SPARSITIES:
+            x = torch.randn(batch, hidden, device="cuda").to(dtype)
+            thr = thresholds_for(x, (wg64, wu64, wd64), sparsity)
+            out = run_kernel(x, wg, wu, wd, thr)
+            ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+            err = rel_err(out, ref)
+            if not err <= REL_TOL:
+                failures.append(f"B={batch} sparsity={sparsity}: rel err {err:.3g}")
+    assert not failures, "; ".join(failures)
+
+
+@pytest.fixture
+def fused_path():
+    native.set_tuning(flags=native.FLAG_FUSED)
+    yield
+    native.set_tuning()
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_fused_path_matches_reference(model, fused_path):
+    """The one-launch path (work queue + per-tile counters): same checks, and each input
+    run three times (a race shows as a result that moves or a NaN)."""
+    hidden, inter = SHAPES[model]
+    failures = []
+    for dtype in DTYPES if model == "llama3-8b" else DTYPES[:1]:
+        wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
+        for batch in (1, 3, 8):
+            for sparsity in (0.0, 0.5, 0.9):
+                x = torch.randn(batch, hidden, device="cuda").to(dtype)
+                thr = thresholds_for(x, (wg64, wu64, wd64), sparsity)
+                ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+                for rep in range(3):
+                    err = rel_err(run_kernel(x, wg, wu, wd, thr), ref)
+                    if not err <= REL_TOL:
+                        failures.append(f"{dtype} B={batch} s={sparsity} run {rep}: {err:.3g}")
+    assert not failures, "; ".join(failures)
+
+
+def test_fused_path_in_cuda_graph(fused_path):
+    test_cuda_graph_with_thresholds_updated_in_place()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model", ["llama3-8b", "smollm-135m"])
+def test_zero_thresholds_match_dense(model, dtype):
+    hidden, inter = SHAPES[model]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
+    # fp32 accumulation of exact inputs: the error is the output's own rounding
+    tol = 4e-3 if dtype == torch.bfloat16 else 5e-4
+    for batch in BATCHES:
+        x = torch.randn(batch, hidden, device="cuda").to(dtype)
+        out = run_kernel(x, wg, wu, wd, torch.zeros(batch, 2, device="cuda"))
+        dense = dense_mlp(x.double(), wg64, wu64, wd64)
+        assert rel_err(out, dense) <= tol, f"B={batch}: {rel_err(out, dense):.3g}"
+
+
+def test_heavy_tailed_activations():
+    """Activations shaped like an LLM's: log-normal channel scales, a few massive
+    channels shared by all rows, heavy-tailed weights; per-row thresholds."""
+    hidden, inter = SHAPES["llama3-8b"]
+    dtype = torch.bfloat16
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
+    for batch in (1, 4):
+        for sparsity in (0.0, 0.5, 0.8):
+            scale = torch.exp(1.0 * torch.randn(hidden, device="cuda"))
+            x = torch.distributions.StudentT(3.0).sample((batch, hidden)).cuda() * scale
+            x[:, torch.randint(0, hidden, (3,))] *= 100.0
+            x = x.to(dtype)
+            thr = thresholds_for(x, (wg64, wu64, wd64), sparsity)
+            out = run_kernel(x, wg, wu, wd, thr)
+            ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+            assert rel_err(out, ref) <= REL_TOL, f"B={batch} s={sparsity}: {rel_err(out, ref):.3g}"
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+def test_activations(act):
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, torch.bfloat16)
+    x = torch.randn(3, hidden, device="cuda").to(torch.bfloat16)
+    thr = thresholds_for(x, (wg64, wu64, wd64), 0.5, act)
+    out = run_kernel(x, wg, wu, wd, thr, act)
+    ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr, act)
+    assert rel_err(out, ref) <= REL_TOL
+
+
+def test_nan_input_is_dropped_like_reference():
+    """|NaN| > t is false: the reference drops a NaN input; so must the kernel."""
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, torch.bfloat16)
+    x = torch.randn(2, hidden, device="cuda").to(torch.bfloat16)
+    x[0, 5] = float("nan")
+    x[1, 100] = float("nan")
+    thr = torch.zeros(2, 2, device="cuda")
+    out = run_kernel(x, wg, wu, wd, thr)
+    ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+    assert torch.isfinite(ref).all()
+    assert rel_err(out, ref) <= REL_TOL
+
+
+def test_batch_sizes_interleaved_and_repeated():
+    """The persistent workspace is left zeroed by every call, whatever the batch size."""
+    hidden, inter = SHAPES["qwen2-7b"]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, torch.bfloat16)
+    for batch in (8, 1, 5, 8, 3, 3, 1):
+        x = torch.randn(batch, hidden, device="cuda").to(torch.bfloat16)
+        thr = thresholds_for(x, (wg64, wu64, wd64), 0.6)
+        out = run_kernel(x, wg, wu, wd, thr)
+        ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+        assert rel_err(out, ref) <= REL_TOL, f"B={batch}"
+
+
+def test_scratch_workspace_is_zeroed_by_the_call(library):
+    """workspace_is_zeroed=0 (a TensorRT scratch workspace): garbage in it must not matter."""
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, torch.bfloat16)
+    batch = 4
+    x = torch.randn(batch, hidden, device="cuda").to(torch.bfloat16)
+    thr = thresholds_for(x, (wg64, wu64, wd64), 0.5)
+    nbytes = library.clada_sparse_mlp_workspace_size(batch, hidden, inter)
+    ws = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    out = torch.full_like(x, float("nan"))
+    status = library.clada_sparse_mlp(
+        x.data_ptr(), wg.data_ptr(), wu.data_ptr(), wd.data_ptr(), thr.data_ptr(), out.data_ptr(),
+        batch, hidden, inter, 1, 0, ws.data_ptr(), ws.numel() * 4, 0, None,
+        torch.cuda.current_stream().cuda_stream,
+    )
+    assert status == 0, library.clada_error_string(status)
+    torch.cuda.synchronize()
+    ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+    assert rel_err(out, ref) <= REL_TOL
+    # and a too-small workspace is refused, not overrun
+    status = library.clada_sparse_mlp(
+        x.data_ptr(), wg.data_ptr(), wu.data_ptr(), wd.data_ptr(), thr.data_ptr(), out.data_ptr(),
+        batch, hidden, inter, 1, 0, ws.data_ptr(), ctypes.c_size_t(nbytes - 4), 0, None,
+        torch.cuda.current_stream().cuda_stream,
+    )
+    assert status != 0
+
+
+def test_cuda_graph_with_thresholds_updated_in_place():
+    """One captured graph serves every threshold: thresholds are read on the device."""
+    hidden, inter = SHAPES["llama3-8b"]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, torch.bfloat16)
+    batch = 2
+    x = torch.randn(batch, hidden, device="cuda").to(torch.bfloat16)
+    thr = torch.zeros(batch, 2, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside capture (allocates the workspace)
+            native.sparse_mlp_cuda(x, wg, wu, wd, thr)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.clada.sparse_mlp_cuda(x, wg, wu, wd, thr, "silu")
+    for sparsity in (0.0, 0.5, 0.9, 0.3):
+        x.copy_(torch.randn(batch, hidden, device="cuda").to(torch.bfloat16))
+        thr.copy_(thresholds_for(x, (wg64, wu64, wd64), sparsity))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+        assert rel_err(y, ref) <= REL_TOL, f"sparsity {sparsity}"
+
+
+def test_custom_op_schema_and_fake():
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
+    x = torch.randn(2, 1, hidden, device="cuda").to(torch.bfloat16)
+    thr = torch.full((2, 2), 0.1, device="cuda")
+    torch.library.opcheck(
+        torch.ops.clada.sparse_mlp_cuda.default, (x, wg, wu, wd, thr, "silu"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    y = native.sparse_mlp_cuda(x, wg, wu, wd, thr)
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_native_decode_path_matches_reference_decoder():
+    """use_decode_kernels: decode steps of a small random bf16 decoder through the kernel are
+    at least as close to the float64 model (same weights, same thresholds) as the bf16
+    reference path is; prefill (T > 1) still runs the reference op. (Thresholding is
+    discontinuous: bf16 rounding moves values across a threshold, so the bf16 paths are
+    compared through their distance to the exact model, not to each other.)"""
+    import copy
+
+    from clada_export.model.config import DecoderConfig
+    from clada_export.model.llama import Decoder
+    from clada_export.runtime.cuda_graph import use_decode_kernels
+
+    cfg = DecoderConfig(
+        model_type="llama", vocab_size=512, hidden_size=576, intermediate_size=1536, num_layers=3,
+        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=256,
+        tie_word_embeddings=False, qkv_bias=False, o_bias=False, qk_norm=False, sliding_window=None, act="silu",
+    )
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    model = Decoder(cfg, inv_freq).cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.05)
+    model = model.to(torch.bfloat16).eval()
+    exact = copy.deepcopy(model).double()
+    batch = 3
+    thr = torch.rand(cfg.num_layers, batch, 2, device="cuda") * 0.3  # different per layer and row
+    ids = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
+    pos = torch.full((batch, 1), 5, device="cuda")
+    with torch.no_grad():
+        kc, vc = exact.new_cache(batch, 16)
+        ref64 = exact(ids, pos, kc, vc, thr).logits.double()
+        kc, vc = model.new_cache(batch, 16)
+        ref = model(ids, pos, kc, vc, thr).logits
+        use_decode_kernels(model)
+        assert all(layer.mlp.decode_kernel is not None for layer in model.layers)
+        kc, vc = model.new_cache(batch, 16)
+        out = model(ids, pos, kc, vc, thr).logits
+        # prefill goes to the reference op and must run unchanged
+        model(torch.randint(0, cfg.vocab_size, (batch, 4), device="cuda"),
+              torch.arange(4, device="cuda")[None].expand(batch, 4), kc, vc, thr)
+        use_decode_kernels(model, False)
+    e_ref, e_native = rel_err(ref, ref64), rel_err(out, ref64)
+    print(f"logits vs float64 model: bf16 reference path {e_ref:.3e}, bf16 kernel path {e_native:.3e}")
+    assert e_native <= 1.25 * e_ref + 5e-3, (e_native, e_ref)
