@@ -57,14 +57,9 @@ if has decode && [[ -f benchmarks/decode_bench.py ]]; then
   summary+=("decode bench: rc=$rc ($(( $(date +%s) - t0 )) s)")
 fi
 
-if has diag; then
-  python3 benchmarks/decode_precision_check.py 2>&1 | tee "$OUT/decode_precision.log"
-  summary+=("precision diag: $(grep -c sparsity "$OUT/decode_precision.log") lines")
-fi
 
 echo
 echo "==================== summary ===================="
-[[ -f "$OUT/decode_precision.log" ]] && grep sparsity "$OUT/decode_precision.log"
 [[ -f "$OUT/kernel_bench.md" ]] && cat "$OUT/kernel_bench.md"
 [[ -f "$OUT/decode_bench.md" ]] && cat "$OUT/decode_bench.md"
 printf '%s\n' "${summary[@]}"
