@@ -282,6 +282,10 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}")
 
 
+# allocation shift (byte sparsity) of the extra static runs around the profile's
+DYNAMIC_BRACKET = 0.02
+
+
 def _dynamic_eval(model, tokenizer, profile, ids, args) -> dict:
     """Exact step-by-step teacher-forced decode: the runtime's controller vs the profile's
     static thresholds through the same loop, on the same windows."""
@@ -298,6 +302,16 @@ def _dynamic_eval(model, tokenizer, profile, ids, args) -> dict:
                               batch_size=8, desc="eval: dynamic (stepwise)")
     sta = stepwise_perplexity(model, w, lambda B: StaticThresholds(static_thr, B), prefix=prefix,
                               batch_size=8, desc="eval: static (stepwise)")
+    # Static runs a little denser and sparser than the profile's allocation, so that
+    # static perplexity can be read off at exactly the sparsity the dynamic run reached.
+    curve = [(sta.byte_sparsity, sta.nll)]
+    for shift in (-DYNAMIC_BRACKET, DYNAMIC_BRACKET):
+        thr = profile.thresholds_at(profile.s_in + shift, profile.s_mid + shift)
+        r = stepwise_perplexity(model, w, lambda B, thr=thr: StaticThresholds(thr, B), prefix=prefix,
+                                batch_size=8, desc=f"eval: static {shift:+.2f} (stepwise)")
+        curve.append((r.byte_sparsity, r.nll))
+    curve.sort()
+    static_at_dyn = math.exp(float(np.interp(dyn.byte_sparsity, [c[0] for c in curve], [c[1] for c in curve])))
     dense = perplexity(model, w, None, batch_size=args.batch_size, measure_sparsity=False,
                        first_target=prefix, desc="eval: dense (same targets)")
     one_pass = perplexity(model, w, static_thr, batch_size=args.batch_size, first_target=prefix,
@@ -305,6 +319,9 @@ def _dynamic_eval(model, tokenizer, profile, ids, args) -> dict:
     return {"mode": "exact step-by-step teacher-forced decode (KV cache), prefix prefilled dense",
             "tokens": int(dyn.tokens), "window": window, "prefix": prefix,
             "dense": dense.perplexity, "static_stepwise": sta.to_dict(), "dynamic_stepwise": dyn.to_dict(),
+            "static_curve": [{"byte_sparsity": a, "perplexity": math.exp(b)} for a, b in curve],
+            "static_at_dynamic_sparsity": static_at_dyn,
+            "dynamic_minus_static_at_same_sparsity": dyn.perplexity - static_at_dyn,
             "static_one_pass": {**one_pass.to_dict(), "note": "one teacher-forced pass: the prefix runs "
                                 "sparse too (step-by-step prefills it dense)"}}
 
@@ -347,7 +364,8 @@ def _print_table(results: dict, dense_ppl: float) -> None:
     if d:
         print(f"step-by-step ({d['tokens']} tokens): dense {d['dense']:.3f}; static {d['static_stepwise']['perplexity']:.3f} "
               f"at {d['static_stepwise']['byte_sparsity']:.3f}; dynamic {d['dynamic_stepwise']['perplexity']:.3f} "
-              f"at {d['dynamic_stepwise']['byte_sparsity']:.3f}")
+              f"at {d['dynamic_stepwise']['byte_sparsity']:.3f}; static at the dynamic run's sparsity "
+              f"(interpolated) {d['static_at_dynamic_sparsity']:.3f}")
 
 
 def _plot(results: dict, path: Path) -> None:
