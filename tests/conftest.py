@@ -87,3 +87,19 @@ def tiny_profile(tiny_checkpoints):
         levels=t.levels, t_in=t.t_in, t_mid=t.t_mid, calib_mean_abs=t.calib_mean_abs,
         target_sparsity=0.5, s_in=np.full(L, 0.5), s_mid=np.full(L, 0.5), method="uniform",
     )
+
+
+def run_cli(capsys, *argv):
+    """``clada-export ARGV`` in-process: (exit code, stdout, stderr)."""
+    from clada_export.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The CLI's error line; fails unless there is exactly one."""
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clada_export.cli.main import main
+from conftest import one_line_error, run_cli
 from clada_export.errors import UserError
 
 TEXT_TOKENS = 6000  # the tiny tokenizer's tokens per file below
@@ -159,18 +159,6 @@ def test_stepwise_decode_matches_one_pass(tiny):
     np.testing.assert_array_equal(seen[0][1], windows[:2, 8].numpy())
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = [l for l in err.splitlines() if "error:" in l]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_cli_errors(tiny, tmp_path, capsys):
     ckpt, _, _, data = tiny
     out = tmp_path / "p.json"
@@ -188,18 +176,18 @@ def test_cli_errors(tiny, tmp_path, capsys):
         (["--data", data, "--error-budget", "-1"], "must be > 0"),
     ]
     for extra, msg in cases:
-        code, _, err = _run(capsys, "calibrate", ckpt, *extra, "-o", out)
-        assert code == 2 and msg in _one_line_error(err), (extra, err)
+        code, _, err = run_cli(capsys, "calibrate", ckpt, *extra, "-o", out)
+        assert code == 2 and msg in one_line_error(err), (extra, err)
         assert not out.exists()
     # a checkpoint without a tokenizer
-    code, _, err = _run(capsys, "eval", tmp_path / "missing", "--levels")
-    assert code == 2 and "does not exist" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "eval", tmp_path / "missing", "--levels")
+    assert code == 2 and "does not exist" in one_line_error(err)
 
 
 def test_cli_calibrate_then_eval(tiny, tiny_checkpoints, tmp_path, capsys):
     ckpt, _, hf, data = tiny
     prof = tmp_path / "p.json"
-    code, out, err = _run(capsys, "calibrate", ckpt, "--data", data, "--tokens", 2048, "--heldout-tokens", 256,
+    code, out, err = run_cli(capsys, "calibrate", ckpt, "--data", data, "--tokens", 2048, "--heldout-tokens", 256,
                           "--target-sparsity", 0.4, "-o", prof)
     assert code == 0, err
     assert "KL vs dense" in out and "calibrate: tables" in err  # progress bars on stderr
@@ -207,7 +195,7 @@ def test_cli_calibrate_then_eval(tiny, tiny_checkpoints, tmp_path, capsys):
     assert d["format"] == "clada-profile" and abs(np.mean((2 * np.array(d["s_in"]) + d["s_mid"]) / 3) - 0.4) < 1e-9
 
     out_dir = tmp_path / "eval"
-    code, out, err = _run(capsys, "eval", ckpt, "--profile", prof, "--data", data, "--tokens", 1024,
+    code, out, err = run_cli(capsys, "eval", ckpt, "--profile", prof, "--data", data, "--tokens", 1024,
                           "--window", 128, "--levels", 0.3, 0.6, "--agreement-prompts", 2, "--new-tokens", 8,
                           "-o", out_dir)
     assert code == 0, err
@@ -225,9 +213,9 @@ def test_cli_calibrate_then_eval(tiny, tiny_checkpoints, tmp_path, capsys):
     p = json.loads(prof.read_text())
     p["fingerprint"] = "0" * 16
     other.write_text(json.dumps(p))
-    code, _, err = _run(capsys, "eval", ckpt, "--profile", other, "--data", data, "--tokens", 256,
+    code, _, err = run_cli(capsys, "eval", ckpt, "--profile", other, "--data", data, "--tokens", 256,
                         "--window", 128, "--levels")
-    assert code == 2 and "another model" in _one_line_error(err)
+    assert code == 2 and "another model" in one_line_error(err)
 
 
 @pytest.mark.slow

@@ -8,39 +8,28 @@ import sys
 import pytest
 
 from clada_export.cli.main import main
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = [l for l in err.splitlines() if "error:" in l]
-    assert len(lines) == 1, err
-    return lines[0]
+from conftest import one_line_error, run_cli
 
 
 def test_missing_checkpoint(tmp_path, capsys):
-    code, _, err = _run(capsys, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
     assert code == 2
-    assert "does not exist" in _one_line_error(err)
+    assert "does not exist" in one_line_error(err)
     assert not (tmp_path / "out").exists()
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, _, err = _run(capsys, "export", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
-    assert code == 2 and "no config.json" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
+    assert code == 2 and "no config.json" in one_line_error(err)
 
 
 def test_unsupported_architecture(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    code, _, err = _run(capsys, "export", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"))
-    line = _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"))
+    line = one_line_error(err)
     assert code == 2 and "gpt2" in line and "llama, mistral, qwen2, qwen3" in line
     assert not (tmp_path / "out").exists()
 
@@ -51,8 +40,8 @@ def test_weights_that_dont_match_config(tmp_path, capsys, tiny_checkpoints):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["intermediate_size"] = 200
     (bad / "config.json").write_text(json.dumps(cfg))
-    code, _, err = _run(capsys, "export", str(bad), "-o", str(tmp_path / "out"))
-    line = _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", str(bad), "-o", str(tmp_path / "out"))
+    line = one_line_error(err)
     assert code == 2 and "don't match config.json" in line and "w_gate_t" in line
 
 
@@ -61,18 +50,18 @@ def test_truncated_weights(tmp_path, capsys, tiny_checkpoints):
     shutil.copytree(tiny_checkpoints["llama"], bad)
     weights = next(bad.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
-    code, _, err = _run(capsys, "export", str(bad), "-o", str(tmp_path / "out"))
-    assert code == 2 and "damaged or truncated" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", str(bad), "-o", str(tmp_path / "out"))
+    assert code == 2 and "damaged or truncated" in one_line_error(err)
 
 
 def test_existing_output_needs_force(tmp_path, capsys, tiny_checkpoints):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    code, _, err = _run(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out))
-    assert code == 2 and "--force" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out))
+    assert code == 2 and "--force" in one_line_error(err)
     assert (out / "keep.txt").read_text() == "user data"
-    code, stdout, _ = _run(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out), "--force")
+    code, stdout, _ = run_cli(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out), "--force")
     assert code == 0 and "wrote" in stdout
     assert not (out / "keep.txt").exists() and (out / "decode.onnx").exists()
 
@@ -94,7 +83,7 @@ def test_failure_leaves_no_partial_output(tmp_path, capsys, tiny_checkpoints, mo
 
 
 def test_info_describes_an_export(tiny_export, capsys):
-    code, out, _ = _run(capsys, "info", str(tiny_export))
+    code, out, _ = run_cli(capsys, "info", str(tiny_export))
     assert code == 0
     assert "[prefill]" in out and "[decode]" in out and "3 x clada::SparseMLP" in out
     assert "thresholds" in out and "entropy" in out and "act_stats" in out
@@ -102,8 +91,8 @@ def test_info_describes_an_export(tiny_export, capsys):
 
 
 def test_info_on_a_non_export(tmp_path, capsys):
-    code, _, err = _run(capsys, "info", str(tmp_path))
-    assert code == 2 and "not a clada-export output" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "info", str(tmp_path))
+    assert code == 2 and "not a clada-export output" in one_line_error(err)
 
 
 def test_console_script_exit_code(tmp_path):
