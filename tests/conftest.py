@@ -103,3 +103,17 @@ def one_line_error(err: str) -> str:
     lines = [l for l in err.splitlines() if "error:" in l]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, in /usr/local/cuda, or named by $CUDACXX; None if absent."""
+    import os
+    import shutil
+
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for candidate in ("/usr/local/cuda/bin/nvcc", os.environ.get("CUDACXX", "")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None

@@ -14,29 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from conftest import find_nvcc
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "plugins"
 
 
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for candidate in ("/usr/local/cuda/bin/nvcc", os.environ.get("CUDACXX", "")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
 pytestmark = [
-    pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CUDA toolkit not installed)"),
+    pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found (CUDA toolkit not installed)"),
     pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found"),
 ]
 
 
 def test_kernel_library_builds(tmp_path):
     build = tmp_path / "build"
-    env = dict(os.environ, CUDACXX=_nvcc())
+    env = dict(os.environ, CUDACXX=find_nvcc())
     configure = ["cmake", "-S", str(PLUGINS), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
@@ -55,7 +47,7 @@ def test_kernel_library_builds(tmp_path):
         for name in ("clada_sparse_mlp", "clada_sparse_mlp_workspace_size", "clada_kernels_abi_version",
                      "clada_error_string"):
             assert f" {name}\n" in symbols, f"{name} not exported"
-    cuobjdump = shutil.which("cuobjdump") or str(Path(_nvcc()).with_name("cuobjdump"))
+    cuobjdump = shutil.which("cuobjdump") or str(Path(find_nvcc()).with_name("cuobjdump"))
     if Path(cuobjdump).is_file():
         listing = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(lib)], capture_output=True,
                                  text=True).stdout

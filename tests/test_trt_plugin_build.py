@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import find_nvcc
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "plugins"
 SYSTEM_HEADER_DIRS = ("/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/include",
@@ -37,18 +39,8 @@ def _tensorrt_root() -> str | None:
     return None
 
 
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for candidate in ("/usr/local/cuda/bin/nvcc", os.environ.get("CUDACXX", "")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
 def _skip_reason() -> str | None:
-    if _nvcc() is None:
+    if find_nvcc() is None:
         return "nvcc not found (CUDA toolkit not installed)"
     if shutil.which("cmake") is None:
         return "cmake not found"
@@ -69,7 +61,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.Comple
 
 def test_plugin_builds_and_its_creator_behaves(tmp_path):
     build = tmp_path / "build"
-    env = dict(os.environ, CUDACXX=_nvcc())
+    env = dict(os.environ, CUDACXX=find_nvcc())
     configure = ["cmake", "-S", str(PLUGINS), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DTENSORRT_ROOT={_tensorrt_root()}", "-DCLADA_TRT_BUILD_CHECK=ON",
                  # one architecture keeps this under a minute; test_kernels_build covers them all

@@ -10,17 +10,15 @@ import onnx
 from tqdm import tqdm
 
 from clada_export import contract as C
-from clada_export.errors import UserError
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from clada_export.export.onnx_export import export_onnx
+    from clada_export.export.onnx_export import check_output_dir, export_onnx
     from clada_export.model.loading import load_decoder, resolve_model_dir
     from clada_export.profile import SparsityProfile
 
     out = Path(args.output)
-    if out.exists() and not args.force:  # fail before the slow part
-        raise UserError(f"output directory {out} already exists; choose another -o or pass --force to replace it")
+    check_output_dir(out, args.force)  # fail before the slow part
     profile = SparsityProfile.load(args.profile) if args.profile else None
     model_dir = resolve_model_dir(args.model)
     steps = ["load"] + [f"{g}:{s}" for g in C.GRAPHS for s in ("trace", "write")] + ["tokenizer"]

@@ -159,6 +159,14 @@ def _set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
         prop.key, prop.value = key, value
 
 
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """An export may only replace an existing directory with ``force``."""
+    if out_dir.exists() and not force:
+        raise UserError(f"output directory {out_dir} already exists; choose another -o or pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} is a file; -o must name a directory")
+
+
 def export_onnx(
     model: Decoder,
     hf_config: Any,
@@ -175,10 +183,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     if dtype not in _DTYPES:
         raise UserError(f"--dtype {dtype} is not supported; choose one of {', '.join(_DTYPES)}")
-    if out_dir.exists() and not force:
-        raise UserError(f"output directory {out_dir} already exists; choose another -o or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output path {out_dir} is a file; -o must name a directory")
+    check_output_dir(out_dir, force)
     step = on_step or (lambda _msg: None)
     torch_dtype = _DTYPES[dtype]
     model = model.to(torch_dtype)

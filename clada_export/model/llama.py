@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from clada_export.model.config import SUPPORTED_MODEL_TYPES, DecoderConfig
-from clada_export.ops.sparse_mlp import activation, sparse_mlp_op
+from clada_export.ops.sparse_mlp import gated_intermediate, sparse_mlp_op
 
 # How many of a prompt's last tokens measure the intermediate activation |h| for the
 # sequence-level statistics: |h| needs the gate/up products, which the SparseMLP op keeps
@@ -136,7 +136,7 @@ class SparseMLP(nn.Module):
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         """Dense h = act(x Wg) * (x Wu), for activation statistics only."""
-        return activation(x @ self.w_gate_t, self.act) * (x @ self.w_up_t)
+        return gated_intermediate(x, self.w_gate_t, self.w_up_t, self.act)
 
 
 class Block(nn.Module):

@@ -29,6 +29,12 @@ def activation(h: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
+def gated_intermediate(x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, act: str = "silu"
+                       ) -> torch.Tensor:
+    """``h = act(x Wg) * (x Wu)``: the gated MLP's intermediate activation."""
+    return activation(x @ w_gate_t, act) * (x @ w_up_t)
+
+
 def _per_row(thresholds: torch.Tensor, column: int, like: torch.Tensor) -> torch.Tensor:
     # thresholds [B, 2] -> [B, 1, ..., 1] broadcastable over x/h of shape [B, ..., C]
     t = thresholds[:, column].to(like.dtype)
@@ -60,7 +66,7 @@ def sparse_mlp_reference(
     """
     check_thresholds(thresholds, x.shape[0])
     x_s = torch.where(x.abs() > _per_row(thresholds, 0, x), x, torch.zeros_like(x))
-    h = activation(x_s @ w_gate_t, act) * (x_s @ w_up_t)
+    h = gated_intermediate(x_s, w_gate_t, w_up_t, act)
     h_s = torch.where(h.abs() > _per_row(thresholds, 1, h), h, torch.zeros_like(h))
     return h_s @ w_down_t
 
@@ -69,7 +75,7 @@ def dense_mlp(
     x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_down_t: torch.Tensor, act: str = "silu"
 ) -> torch.Tensor:
     """The plain gated MLP, for tests that zero thresholds reproduce it exactly."""
-    return (activation(x @ w_gate_t, act) * (x @ w_up_t)) @ w_down_t
+    return gated_intermediate(x, w_gate_t, w_up_t, act) @ w_down_t
 
 
 def mlp_activation_magnitudes(
@@ -77,8 +83,7 @@ def mlp_activation_magnitudes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """|x| and |h| (h computed from x thresholded at ``t_in``), for calibration histograms."""
     x_s = torch.where(x.abs() > t_in, x, torch.zeros_like(x))
-    h = activation(x_s @ w_gate_t, act) * (x_s @ w_up_t)
-    return x.abs(), h.abs()
+    return x.abs(), gated_intermediate(x_s, w_gate_t, w_up_t, act).abs()
 
 
 # A torch custom op, so that the exporter sees one opaque node per MLP and maps it to the
