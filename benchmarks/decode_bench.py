@@ -7,6 +7,8 @@ step captured in a CUDA graph, the static KV cache written in place, token ids,
 positions and thresholds ``[layers, B, 2]`` copied into the graph's buffers before each
 replay (alternating between two calibrated threshold sets, as the CLADA controller
 would), so one graph serves every threshold. The next token is the argmax, on device.
+Every variant runs the same non-MLP code: q/k/v as one GEMV and the fused decode
+attention kernel (RoPE, cache write, attention), torch.compile'd or not as the row says.
 
 MLP variants (all on the same model and weights):
 - dense: ``F.linear`` on nn.Linear-layout copies of the MLP weights (cuBLAS; the faster

@@ -76,11 +76,19 @@ def test_cuda_graph_decode_matches_fp32_reference_when_dense(gpu_checkpoint):
     assert worst <= 3e-2, f"bf16 CUDA-graph decode vs fp32 reference: {worst:.3e}"
 
 
-def test_cuda_graph_decode_matches_eager_kernels_when_sparse(gpu_checkpoint):
+def test_cuda_graph_decode_matches_eager_kernels(gpu_checkpoint):
     """The captured graph (in-place cache, thresholds in static buffers) computes what
     the same bf16 model computes eagerly with the same kernels. (Kernel-vs-reference
-    parity of the op itself is tests/test_kernels_gpu.py's job; bf16 vs fp32 whole-model
-    logits at 50% sparsity differ by ~0.3 here from threshold flips alone.)"""
+    parity of the ops themselves is tests/test_kernels_gpu.py's and
+    tests/test_attention_gpu.py's job.)
+
+    The SparseMLP kernel adds fp32 partial sums with atomics, so the rounding of its bf16
+    output varies a little from run to run; at ~50% sparsity, once such a difference
+    decides a threshold, the cache carries it on: two eager runs of this model differ by
+    up to ~0.1 (H100; bf16 vs fp32 differ by ~0.3 from threshold flips alone). So zero
+    thresholds (no decision to flip) are held to bf16 rounding, sparse ones to the scale
+    of threshold flips; that the graph applies the thresholds it is given is
+    test_thresholds_update_between_replays' job."""
     _native_or_skip()
     from clada_export.model.loading import load_decoder
     from clada_export.runtime.backends import TorchBackend
@@ -94,15 +102,17 @@ def test_cuda_graph_decode_matches_eager_kernels_when_sparse(gpu_checkpoint):
     probe = TorchBackend(eager_model, "cuda")
     probe.start(2, 64)
     stats = probe.prefill(ids, lens, torch.zeros(eager_model.cfg.num_layers, 2, 2)).act_stats.float().cpu()
-    th = stats.clone()
-    th[:, 1] *= 1.3  # ~50% of |x| and |h| under threshold, the second sequence sparser
-    eager_logits, eager_out = _decode_run(TorchBackend(eager_model, "cuda"), ids, lens, th)
-    teacher = [l.argmax(-1) for l in eager_logits[:-1]]
-    fast_logits, fast_out = _decode_run(TorchBackend(fast_model, "cuda", cuda_graph=True), ids, lens, th,
-                                        teacher=teacher)
-    worst = max(_rel(f, r) for f, r in zip(fast_logits, eager_logits))
-    assert worst <= 1e-2, f"graph vs eager with the same kernels: {worst:.3e}"
-    assert torch.allclose(fast_out.entropy.float().cpu(), eager_out.entropy.float().cpu(), atol=1e-2)
+    sparse = stats.clone()
+    sparse[:, 1] *= 1.3  # ~50% of |x| and |h| under threshold, the second sequence sparser
+    fast = TorchBackend(fast_model, "cuda", cuda_graph=True)
+    for th, tol, entropy_tol in ((torch.zeros_like(stats), 2e-2, 2e-2), (sparse, 0.3, 0.5)):
+        eager_logits, eager_out = _decode_run(TorchBackend(eager_model, "cuda"), ids, lens, th)
+        teacher = [l.argmax(-1) for l in eager_logits[:-1]]
+        fast_logits, fast_out = _decode_run(fast, ids, lens, th, teacher=teacher)
+        worst = max(_rel(f, r) for f, r in zip(fast_logits, eager_logits))
+        assert worst <= tol, f"graph vs eager with the same kernels: {worst:.3e}"
+        entropy_err = (fast_out.entropy.float().cpu() - eager_out.entropy.float().cpu()).abs().max()
+        assert entropy_err <= entropy_tol, f"entropy, graph vs eager: {entropy_err:.3e}"
 
 
 def test_thresholds_update_between_replays(gpu_checkpoint):

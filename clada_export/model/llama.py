@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from clada_export.model.config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from clada_export.ops.sparse_mlp import gated_intermediate, sparse_mlp_op
@@ -68,6 +69,32 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.inplace_cache = False
+        # GPU decode path (runtime/cuda_graph.py), both unset for export and the CPU: q/k/v
+        # weights concatenated (fuse_qkv) for one projection GEMV instead of three, and for
+        # one-token steps the fused decode attention kernel, a callable (q, k, v, position,
+        # k_cache, v_cache, window=, scale=) -> out with the model's RoPE frequencies bound
+        # (clada_export.ops.native.decode_attention_cuda).
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+        self.decode_attention = None
+
+    def fuse_qkv(self) -> None:
+        """Concatenate the q/k/v projection weights into ``qkv_weight`` (and biases) and
+        make the projections' parameters views of it: one GEMV per step, no extra memory,
+        and the parameters keep their names and values for loading and export."""
+        if self.qkv_weight is not None:
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        with torch.no_grad():
+            self.qkv_weight = torch.cat([p.weight for p in projs])
+            self.qkv_bias = torch.cat([p.bias for p in projs]) if self.cfg.qkv_bias else None
+        start = 0
+        for p in projs:
+            rows = p.weight.shape[0]
+            p.weight.data = self.qkv_weight[start:start + rows]
+            if self.qkv_bias is not None:
+                p.bias.data = self.qkv_bias[start:start + rows]
+            start += rows
 
     def forward(
         self,
@@ -81,9 +108,15 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         cfg, d = self.cfg, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, cfg.num_heads, d)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, d)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
+        if self.decode_attention is not None and T == 1:
+            return self._fused_decode(x[:, 0], positions[:, 0], k_cache, v_cache)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self._qkv_sizes(), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, cfg.num_heads, d)
+        k = k.view(B, T, cfg.num_kv_heads, d)
+        v = v.view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, d]
@@ -113,6 +146,25 @@ class Attention(nn.Module):
         out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v_cache.to(q.dtype)
         out = out.reshape(B, cfg.num_heads, T, d).transpose(1, 2).reshape(B, T, cfg.num_heads * d)
         return self.o_proj(out), k_cache, v_cache
+
+    def _qkv_sizes(self) -> tuple[int, int, int]:
+        cfg = self.cfg
+        return cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+
+    def _fused_decode(self, x, position, k_cache, v_cache):
+        """One-token step on the GPU decode path: one GEMV over the fused q/k/v weights,
+        then the fused decode attention kernel; the same math as ``forward``'s general path
+        (RoPE, cache write at ``position``, masked GQA)."""
+        B, cfg, d = x.shape[0], self.cfg, self.cfg.head_dim
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self._qkv_sizes(), dim=-1)
+        if cfg.qk_norm:
+            q = self.q_norm(q.reshape(B, cfg.num_heads, d)).reshape(B, -1)
+            k = self.k_norm(k.reshape(B, cfg.num_kv_heads, d)).reshape(B, -1)
+        if not self.inplace_cache:  # functional callers get updated copies, as in forward
+            k_cache, v_cache = k_cache.clone(), v_cache.clone()
+        out = self.decode_attention(q, k, v, position, k_cache, v_cache, window=cfg.sliding_window or 0,
+                                    scale=d ** -0.5)
+        return self.o_proj(out[:, None]), k_cache, v_cache
 
 
 class SparseMLP(nn.Module):

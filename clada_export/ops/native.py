@@ -1,4 +1,5 @@
-"""ctypes binding of ``libclada_kernels.so`` (plugins/kernels): the CUDA SparseMLP.
+"""ctypes binding of ``libclada_kernels.so`` (plugins/kernels): the CUDA SparseMLP and the
+fused decode attention.
 
 ``sparse_mlp_cuda(x, w_gate_t, w_up_t, w_down_t, thresholds, act)`` computes exactly the op
 of :func:`clada_export.ops.sparse_mlp.sparse_mlp_reference` (same weight layout:
@@ -8,6 +9,11 @@ fp32 accumulation. It launches on ``torch.cuda.current_stream()`` and is registe
 torch custom op ``clada::sparse_mlp_cuda``, so it can be captured in a CUDA graph (the
 thresholds are read from device memory: update them in place between replays) and seen by
 ``torch.compile``.
+
+``decode_attention_cuda(q, k, v, position, k_cache, v_cache, inv_freq, ...)`` is one decode
+step's attention for one new token per sequence (RoPE of q and k, k and v written into the
+static cache at ``position``, grouped-query attention over the visible slots), custom op
+``clada::decode_attention_cuda`` (it mutates the caches in place).
 
 The library is found through ``$CLADA_KERNELS_LIB``, else ``plugins/build/libclada_kernels.so``
 in the repository. There is no silent fallback: if it is missing, calls raise
@@ -19,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +37,7 @@ DEFAULT_LIB = REPO_ROOT / "plugins" / "build" / "libclada_kernels.so"
 BUILD_COMMAND = (
     "cmake -S plugins -B plugins/build -DCMAKE_BUILD_TYPE=Release && cmake --build plugins/build -j"
 )
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 
@@ -96,6 +103,16 @@ def load_library() -> ctypes.CDLL:
             ctypes.c_void_p,
             ctypes.c_void_p,
         ]
+        lib.clada_decode_attention_supported.restype = ctypes.c_int
+        lib.clada_decode_attention_supported.argtypes = [ctypes.c_int] * 3
+        lib.clada_decode_attention_workspace_size.restype = ctypes.c_size_t
+        lib.clada_decode_attention_workspace_size.argtypes = [ctypes.c_int] * 5
+        lib.clada_decode_attention.restype = ctypes.c_int
+        lib.clada_decode_attention.argtypes = (
+            [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3 + [ctypes.c_void_p, ctypes.c_float]
+            + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+            + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        )
         lib.clada_error_string.restype = ctypes.c_char_p
         lib.clada_error_string.argtypes = [ctypes.c_int]
         _lib = lib
@@ -114,19 +131,18 @@ def is_available() -> bool:
 
 
 # ------------------------------------------------------------------ workspace
-# One persistent fp32 workspace per (device, hidden, inter), sized for MAX_BATCH rows. It
-# is zero-filled once; every call leaves it zeroed, so no memset is launched per call.
-# Workspaces are never freed: a captured CUDA graph keeps pointing at them.
+# One persistent workspace per device and shape (each kernel's own key), sized by the
+# library. It is zero-filled once; every call leaves it zeroed, so no memset is launched
+# per call. Workspaces are never freed: a captured CUDA graph keeps pointing at them.
 # Calls sharing a workspace must be ordered (one stream, as in a decode loop).
-_workspaces: dict[tuple[int, int, int], tuple[torch.Tensor, bool]] = {}
+_workspaces: dict[tuple, tuple[torch.Tensor, bool]] = {}
 
 
-def _workspace(device: torch.device, hidden: int, inter: int) -> tuple[torch.Tensor, bool]:
-    key = (device.index if device.index is not None else torch.cuda.current_device(), hidden, inter)
+def _workspace(device: torch.device, key: tuple, nbytes: Callable[[], int]) -> tuple[torch.Tensor, bool]:
+    key = (device.index if device.index is not None else torch.cuda.current_device(), *key)
     entry = _workspaces.get(key)
     if entry is None:
-        nbytes = load_library().clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter)
-        buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        buf = torch.zeros(nbytes(), dtype=torch.uint8, device=device)
         # Allocated during stream capture, the zero-fill is only recorded, not run: such a
         # workspace is zero-filled by every call instead (correct everywhere, one memset).
         zeroed = not torch.cuda.is_current_stream_capturing()
@@ -197,7 +213,8 @@ def sparse_mlp_cuda_into(
     if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor shaped and typed like x")
     thr = thresholds if thresholds.dtype == torch.float32 and thresholds.is_contiguous() else thresholds.float().contiguous()
-    ws, zeroed = _workspace(x.device, hidden, inter)
+    ws, zeroed = _workspace(x.device, ("sparse_mlp", hidden, inter),
+                            lambda: lib.clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter))
     stream = torch.cuda.current_stream(x.device).cuda_stream
     status = lib.clada_sparse_mlp(
         x.data_ptr(),
@@ -259,3 +276,99 @@ def sparse_mlp_cuda(
     Raises NativeKernelsUnavailable when the library is missing."""
     load_library()  # raise the clear error before touching the dispatcher
     return sparse_mlp_cuda_op(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
+
+
+# ------------------------------------------------------------------ decode attention
+def decode_attention_supported(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """True when the decode attention kernel handles this attention shape and dtype
+    (head_dim 16/32/64/128/256, heads a multiple of kv_heads, bf16/fp16)."""
+    return dtype in _DTYPES and bool(load_library().clada_decode_attention_supported(heads, kv_heads, head_dim))
+
+
+def _check_attention(q, k, v, position, k_cache, v_cache, inv_freq) -> None:
+    if k_cache.dim() != 4 or not k_cache.is_contiguous() or v_cache.shape != k_cache.shape or not v_cache.is_contiguous():
+        raise ValueError("k_cache and v_cache must be contiguous [batch, kv_heads, max_len, head_dim] tensors")
+    batch, kv_heads, _, head_dim = k_cache.shape
+    for name, t, width in (("q", q, None), ("k", k, kv_heads * head_dim), ("v", v, kv_heads * head_dim)):
+        if t.device != k_cache.device or t.dtype != k_cache.dtype:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, the caches {k_cache.dtype} on {k_cache.device}")
+        if t.dim() != 2 or t.shape[0] != batch or (width is not None and t.shape[1] != width) or t.stride(1) != 1:
+            raise ValueError(f"{name} must be [batch={batch}, {width or 'heads * head_dim'}] with unit column "
+                             f"stride, got shape {list(t.shape)}, strides {list(t.stride())}")
+    if q.shape[1] % head_dim or not decode_attention_supported(q.shape[1] // head_dim, kv_heads, head_dim, q.dtype):
+        raise ValueError(f"decode attention does not support {q.shape[1]} query columns, {kv_heads} KV heads of "
+                         f"{head_dim} in {q.dtype}")
+    if position.dtype != torch.long or tuple(position.shape) != (batch,) or position.device != k_cache.device:
+        raise ValueError(f"position must be int64 [batch={batch}] on {k_cache.device}")
+    if inv_freq.dtype != torch.float32 or tuple(inv_freq.shape) != (head_dim // 2,) or inv_freq.device != k_cache.device:
+        raise ValueError(f"inv_freq must be float32 [head_dim / 2 = {head_dim // 2}] on {k_cache.device}")
+
+
+@torch.library.custom_op("clada::decode_attention_cuda", mutates_args=("k_cache", "v_cache"), device_types="cuda")
+def decode_attention_cuda_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rope_scale: float,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    _check_attention(q, k, v, position, k_cache, v_cache, inv_freq)
+    lib = load_library()
+    batch, kv_heads, max_len, head_dim = k_cache.shape
+    heads = q.shape[1] // head_dim
+    # 16-byte loads: every row must start 16-byte aligned
+    q, k, v = (t if t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 else t.contiguous() for t in (q, k, v))
+    position, inv_freq = position.contiguous(), inv_freq.contiguous()
+    out = q.new_empty((batch, heads * head_dim))
+    ws, zeroed = _workspace(
+        q.device, ("decode_attention", batch, heads, kv_heads, head_dim, max_len),
+        lambda: lib.clada_decode_attention_workspace_size(batch, heads, kv_heads, head_dim, max_len))
+    status = lib.clada_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
+        inv_freq.data_ptr(), rope_scale, position.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        out.data_ptr(), batch, heads, kv_heads, head_dim, max_len, window, scale, _DTYPES[q.dtype],
+        ws.data_ptr(), ws.numel(), 1 if zeroed else 0, torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    if status != 0:
+        raise RuntimeError(f"clada_decode_attention failed: {lib.clada_error_string(status).decode()} (status {status})")
+    return out
+
+
+@decode_attention_cuda_op.register_fake
+def _(q, k, v, position, k_cache, v_cache, inv_freq, rope_scale, window, scale):
+    return q.new_empty((q.shape[0], q.shape[1]))
+
+
+def decode_attention_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rope_scale: float = 1.0,
+    window: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over a static KV cache, fused (RoPE,
+    cache write, grouped-query attention, fp32 softmax). ``q [B, heads * head_dim]``,
+    ``k``/``v [B, kv_heads * head_dim]`` (the new token, k before RoPE; rows may be
+    slices of a fused qkv row), ``position [B]`` int64 (slot written and last slot
+    attended; in ``[0, max_len)``), caches ``[B, kv_heads, max_len, head_dim]`` updated in
+    place, ``inv_freq [head_dim / 2]`` float32: RoPE with ``cos``/``sin`` of
+    ``position * inv_freq`` times ``rope_scale``, rounded to q's dtype, rotate-half
+    convention (what :class:`~clada_export.model.llama.Decoder` computes). ``window > 0``: only
+    slots ``> position - window`` are attended. ``scale`` defaults to ``head_dim ** -0.5``.
+    Returns ``[B, heads * head_dim]`` in q's dtype."""
+    if scale is None:
+        scale = k_cache.shape[-1] ** -0.5
+    load_library()  # raise the clear error before touching the dispatcher
+    return decode_attention_cuda_op(q, k, v, position, k_cache, v_cache, inv_freq, float(rope_scale), int(window),
+                                    float(scale))
+

@@ -23,18 +23,22 @@
 
 #include "sparse_mlp.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include <map>
 #include <mutex>
 #include <tuple>
 
+#include "common.cuh"
 
 namespace {
 
-constexpr int kWarp = 32;
+using clada::kWarp;
+using clada::ld_weights;
+using clada::pack2;
+using clada::to_float;
+using clada::unpack8;
+
 constexpr int kS1Threads = 256;  // 8 warps
 constexpr int kS1Warps = kS1Threads / kWarp;
 constexpr int kS1Cols = kWarp * 8;  // columns of one block tile: 32 lanes x 8 (16 bytes)
@@ -49,65 +53,6 @@ constexpr int s2_unroll() {
   return VPT == 1 ? 8 : (BT >= 8 ? 2 : 4);
 }
 constexpr int kSmemCap = 46 * 1024;         // stay under the 48 KB default dynamic limit
-
-// ---------------------------------------------------------------- element helpers
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-
-// 8 packed 16-bit values -> 8 floats.
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4 v, float (&f)[8]);
-template <>
-__device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4 v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    f[2 * k] = __uint_as_float(w[k] << 16);
-    f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-  }
-}
-template <>
-__device__ __forceinline__ void unpack8<__half>(const uint4 v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    __half2 h;
-    *reinterpret_cast<uint32_t*>(&h) = w[k];
-    const float2 t = __half22float2(h);
-    f[2 * k] = t.x;
-    f[2 * k + 1] = t.y;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// Weights are read exactly once per call: keep them out of L1, hint a 256-byte L2 fetch.
-__device__ __forceinline__ uint4 ld_weights(const void* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
 
 __device__ __forceinline__ int cdiv_dev(int a, int b) { return (a + b - 1) / b; }
 

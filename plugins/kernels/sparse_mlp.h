@@ -33,7 +33,9 @@
 extern "C" {
 #endif
 
-#define CLADA_KERNELS_ABI_VERSION 1
+/* Version of the library's whole C ABI (this header and decode_attention.h); 2 added
+ * clada_decode_attention. */
+#define CLADA_KERNELS_ABI_VERSION 2
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 
