@@ -159,6 +159,47 @@ def test_stepwise_decode_matches_one_pass(tiny):
     np.testing.assert_array_equal(seen[0][1], windows[:2, 8].numpy())
 
 
+def test_one_pass_dynamic_mode_is_the_stepwise_protocol(tiny):
+    """The one-pass mode for dynamic control runs the exact mode's protocol: with
+    thresholds that depend only on the tokens fed (not on the signals, the one thing
+    the one-pass mode takes from a dense pass instead), it gives the step-by-step
+    perplexity and sparsity; with static thresholds, too."""
+    from clada_export.calibrate.quality import (StaticThresholds, one_pass_dynamic_perplexity,
+                                                paired_difference, stepwise_perplexity)
+
+    _, model, _, _ = tiny
+    windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(5))
+    L = model.cfg.num_layers
+    sparse, denser = np.tile([[0.5, 0.02]], (L, 1)), np.tile([[0.2, 0.005]], (L, 1))
+
+    class ByToken(StaticThresholds):
+        """Denser thresholds after an even token id: a per-token pattern the signals don't set."""
+
+        def __init__(self, B):
+            super().__init__(sparse, B)
+            self.calls = 0
+
+        def step(self, surprisal, entropy, tokens=None):
+            self.calls += 1
+            pick = (np.asarray(tokens) % 2 == 0)[None, :, None]
+            return np.where(pick, denser[:, None, :], sparse[:, None, :]).astype(np.float32)
+
+    for make in (lambda B: StaticThresholds(sparse, B), ByToken):
+        step = stepwise_perplexity(model, windows, make, prefix=8, batch_size=2, progress=False)
+        one = one_pass_dynamic_perplexity(model, windows, make, prefix=8, batch_size=2, progress=False)
+        assert one.tokens == step.tokens == 3 * 16
+        assert one.perplexity == pytest.approx(step.perplexity, rel=1e-5)
+        # sparsity over the same positions (|h| sampled on different rows, hence a tolerance)
+        assert one.byte_sparsity == pytest.approx(step.byte_sparsity, abs=0.03)
+        assert 0.1 < one.byte_sparsity < 0.5
+    static = one_pass_dynamic_perplexity(model, windows, lambda B: StaticThresholds(sparse, B), prefix=8,
+                                         batch_size=2, progress=False)
+    by_token = one_pass_dynamic_perplexity(model, windows, ByToken, prefix=8, batch_size=2, progress=False)
+    assert by_token.byte_sparsity < static.byte_sparsity - 0.02  # the per-token pattern is in effect
+    d, lo, hi = paired_difference(by_token.window_nll, static.window_nll, by_token.window_tokens)
+    assert lo <= d <= hi and d == pytest.approx(by_token.nll - static.nll, abs=1e-9)
+
+
 def test_cli_errors(tiny, tmp_path, capsys):
     ckpt, _, _, data = tiny
     out = tmp_path / "p.json"
@@ -207,6 +248,22 @@ def test_cli_calibrate_then_eval(tiny, tiny_checkpoints, tmp_path, capsys):
         assert abs(r["byte_sparsity"] - r["level"]) < 0.15 and 0 <= r["agreement"] <= 1
         assert 0 <= r["agreement_prefix"] <= r["agreement"]
     assert "greedy@0.6" in out
+
+    # dynamic control against static at the same sparsity, in both modes
+    code, out, err = run_cli(capsys, "eval", ckpt, "--profile", prof, "--data", data, "--tokens", 1024,
+                          "--dynamic-tokens", 512, "--dynamic", "--levels", "--agreement-prompts", 0,
+                          "-o", out_dir)
+    assert code == 0, err
+    dyn = json.loads((out_dir / "eval.json").read_text())["dynamic"]
+    assert dyn["one_pass"]["tokens"] == 4 * (256 - 32) and dyn["stepwise"]["tokens"] == 2 * (256 - 32)
+    for mode in ("one_pass", "stepwise"):
+        m = dyn[mode]
+        xs = [r["byte_sparsity"] for r in m["static_curve"]]
+        assert xs == sorted(xs) and xs[0] < m["dynamic"]["byte_sparsity"] + 0.05 and xs[-1] > xs[0] + 0.01
+        assert np.isfinite(m["static_at_dynamic_sparsity"]) and np.isfinite(m["dynamic_minus_static_nll"])
+    lo, hi = dyn["one_pass"]["nll_difference_95ci"]
+    assert lo <= dyn["one_pass"]["dynamic_minus_static_nll"] <= hi
+    assert "one pass" in out and "step by step" in out and "95% CI" in out
 
     # a profile made for another model is refused, in one line
     other = tmp_path / "other.json"

@@ -22,6 +22,7 @@ from clada_export.runtime.controller import (
     ThresholdController,
     _interp_rows,
     compare_traces,
+    load_controller_config,
     read_trace,
     replay_trace,
 )
@@ -301,6 +302,24 @@ def test_config_validation():
     with pytest.raises(UserError):
         ControllerConfig.from_dict({"windw": 3})
     assert ControllerConfig.from_dict(ControllerConfig().to_dict()) == ControllerConfig()
+
+
+def test_controller_config_file(tmp_path):
+    """``--controller FILE`` (generate, eval): overrides read and validated, errors name the file."""
+    assert load_controller_config(None) == ControllerConfig()
+    f = tmp_path / "c.json"
+    f.write_text('{"dense_offset": 0.05, "prefix_strength": 0}')
+    assert load_controller_config(f) == ControllerConfig(dense_offset=0.05, prefix_strength=0)
+    cases = [("missing.json", None, "does not exist"), ("bad.json", "{dense", "not readable JSON"),
+             ("list.json", "[1, 2]", "JSON object"), ("key.json", '{"windw": 3}', "unknown keys"),
+             ("value.json", '{"window": 0}', "window must be a positive integer")]
+    for name, text, msg in cases:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(UserError, match=msg) as e:
+            load_controller_config(path)
+        assert name in str(e.value)
 
 
 # -- determinism, batching, active mask -------------------------------------------------------

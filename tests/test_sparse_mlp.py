@@ -40,7 +40,25 @@ def test_custom_op_is_the_reference():
     assert torch.equal(sparse_mlp_op(x, *w, th, "silu"), sparse_mlp_reference(x, *w, th))
 
 
-@pytest.mark.parametrize("shape", [(2,), (3, 2), (2, 3), (2, 2, 1)])
+def test_per_token_thresholds_are_each_tokens_own_step():
+    """Thresholds [B, T, 2] (teacher-forced evaluation of dynamic control): each token is
+    computed as in a one-token step at its own thresholds, and constant per-token
+    thresholds are the per-sequence op."""
+    torch.manual_seed(4)
+    w = _weights()
+    x = torch.randn(2, 6, 48)
+    per_seq = torch.rand(2, 2) * 0.5
+    assert torch.equal(sparse_mlp_reference(x, *w, per_seq[:, None].expand(2, 6, 2)),
+                       sparse_mlp_reference(x, *w, per_seq))
+    per_tok = torch.rand(2, 6, 2) * torch.tensor([1.0, 0.1])
+    y = sparse_mlp_reference(x, *w, per_tok)
+    for t in range(6):
+        torch.testing.assert_close(y[:, t], sparse_mlp_reference(x[:, t:t + 1], *w, per_tok[:, t])[:, 0],
+                                   rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(y, sparse_mlp_reference(x, *w, per_tok[:, 0]))
+
+
+@pytest.mark.parametrize("shape", [(2,), (3, 2), (2, 3), (2, 2, 1), (2, 3, 2)])
 def test_wrong_threshold_shape_is_named(shape):
     w = _weights()
     with pytest.raises(ValueError, match=r"thresholds must have shape \[batch=2, 2\]"):

@@ -40,11 +40,15 @@ class SparsityMeter:
     """Forward pre-hooks that measure the sparsity each layer's MLP is actually run at.
 
     ``h_rows``: rows (tokens) per call on which |h| is measured (the gate/up products
-    are recomputed there); |x| is measured on every row."""
+    are recomputed there); |x| is measured on every row. ``positions``: ``(start,
+    stop)`` of the token positions to measure (default all), e.g. only the positions
+    that stand for decode steps in a teacher-forced pass. Thresholds may be per
+    sequence ``[B, 2]`` or per token ``[B, T, 2]``."""
 
-    def __init__(self, model, h_rows: int = 32, seed: int = 0):
+    def __init__(self, model, h_rows: int = 32, seed: int = 0, positions: tuple[int, int] | None = None):
         self.model = model
         self.h_rows = h_rows
+        self.positions = positions
         self.gen = torch.Generator().manual_seed(seed)
         L = len(model.layers)
         self.zero = np.zeros((L, 2))
@@ -66,16 +70,22 @@ class SparsityMeter:
             x, thr = args[0].detach(), args[1].detach()
             B = x.shape[0]
             rows = x.reshape(B, -1, x.shape[-1])  # [B, T, H]
-            t_in = thr[:, 0].to(x.dtype)[:, None, None]
-            t_mid = thr[:, 1].to(x.dtype)[:, None, None]
+            if thr.dim() == 3:  # per token [B, T, 2]
+                t_in, t_mid = thr[..., 0:1].to(x.dtype), thr[..., 1:2].to(x.dtype)
+            else:
+                t_in = thr[:, 0].to(x.dtype)[:, None, None].expand(B, rows.shape[1], 1)
+                t_mid = thr[:, 1].to(x.dtype)[:, None, None].expand(B, rows.shape[1], 1)
+            if self.positions is not None:
+                a, b = self.positions
+                rows, t_in, t_mid = rows[:, a:b], t_in[:, a:b], t_mid[:, a:b]
             self.zero[i, 0] += float((rows.abs() <= t_in).sum())
             self.count[i, 0] += rows.numel()
             T = rows.shape[1]
             n = min(T, max(1, self.h_rows // B))
             pick = torch.randperm(T, generator=self.gen)[:n] if n < T else torch.arange(T)
-            sub = rows[:, pick]
-            _, ah = mlp_activation_magnitudes(sub, module.w_gate_t, module.w_up_t, t_in, module.act)
-            self.zero[i, 1] += float((ah <= t_mid).sum())
+            _, ah = mlp_activation_magnitudes(rows[:, pick], module.w_gate_t, module.w_up_t, t_in[:, pick],
+                                              module.act)
+            self.zero[i, 1] += float((ah <= t_mid[:, pick]).sum())
             self.count[i, 1] += ah.numel()
         return hook
 
@@ -254,6 +264,86 @@ def stepwise_perplexity(model, windows: torch.Tensor, make_source, prefix: int =
     mean = nll / max(n, 1)
     return StepwiseResult(math.exp(mean), mean, n, meter.byte_sparsity(), meter.per_layer(),
                           np.concatenate(all_u, axis=1), np.concatenate(all_e, axis=1))
+
+
+@dataclass
+class OnePassResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    byte_sparsity: float  # realized over the positions that stand for decode steps
+    sparsity_per_layer: np.ndarray
+    window_nll: np.ndarray = field(repr=False)  # [N] summed NLL per window (paired comparisons)
+    window_tokens: int = 0  # targets per window
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens,
+                "byte_sparsity": self.byte_sparsity,
+                "sparsity_per_layer": np.round(self.sparsity_per_layer, 5).tolist()}
+
+
+def one_pass_dynamic_perplexity(model, windows: torch.Tensor, make_source, prefix: int = 32, batch_size: int = 8,
+                                desc: str = "one pass", progress: bool = True) -> OnePassResult:
+    """Teacher-forced evaluation of dynamic control in one sparse pass per window.
+
+    The same protocol as :func:`stepwise_perplexity` (dense prefix with activation
+    statistics for ``begin``, then ``source.step`` with the signals of token ``t`` sets
+    the thresholds of the position that consumes token ``t``; targets ``prefix..T-1``),
+    except that the signals (surprisal of the true token, entropy) come from a dense
+    pass instead of the sparse run itself. Every position then runs at its own
+    thresholds (per-token ``[B, T, 2]``, see ``sparse_mlp_reference``), which in a
+    decode loop it would do in its own step: the one difference from the exact mode is
+    the source of the signals. Sparsity is measured on positions ``prefix..T-2`` (the
+    decode steps of the exact mode)."""
+    L = model.cfg.num_layers
+    dev = _device(model)
+    N, T = windows.shape
+    if not 1 <= prefix < T - 1:
+        raise ValueError(f"prefix must be in [1, {T - 2}], got {prefix}")
+    meter = SparsityMeter(model, h_rows=32, positions=(prefix, T - 1))
+    window_nll = np.zeros(N)
+    with torch.inference_mode():
+        for s in tqdm(range(0, N, batch_size), total=-(-N // batch_size), desc=desc, unit="batch",
+                      file=sys.stderr, disable=not progress, leave=False):
+            ids = windows[s:s + batch_size].to(dev)
+            B = ids.shape[0]
+            pos = torch.arange(T, device=dev)[None].expand(B, T)
+            zeros = torch.zeros(L, B, 2, device=dev)
+            k, v = model.new_cache(B, T)
+            stats = model(ids[:, :prefix], pos[:, :prefix], k, v, zeros, with_stats=True).act_stats
+            k, v = model.new_cache(B, T)
+            logits = model(ids, pos, k, v, zeros, all_logits=True).logits  # dense: the signals
+            entropy, lse = cognitive_signals(logits[:, :-1].reshape(-1, logits.shape[-1]))
+            entropy, lse = entropy.view(B, T - 1), lse.view(B, T - 1)
+            # signals of token t (t >= 1): its surprisal under position t-1's distribution, that entropy
+            surprisal = (lse - logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]).cpu().numpy()
+            entropy = entropy.cpu().numpy()
+            source = make_source(B)
+            source.begin(stats.cpu().numpy())
+            thr = torch.zeros(L, B, T, 2)
+            for t in range(prefix, T - 1):
+                thr[:, :, t] = torch.as_tensor(np.asarray(source.step(surprisal[:, t - 1], entropy[:, t - 1],
+                                                                      tokens=ids[:, t].cpu().numpy())))
+            k, v = model.new_cache(B, T)
+            with meter:
+                logits = model(ids, pos, k, v, thr.to(dev), all_logits=True).logits
+            pred = logits[:, prefix - 1:T - 1].float()
+            tok_nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, prefix:].reshape(-1),
+                                      reduction="none").view(B, -1)
+            window_nll[s:s + B] = tok_nll.double().sum(1).cpu().numpy()
+    n = N * (T - prefix)
+    mean = float(window_nll.sum()) / n
+    return OnePassResult(math.exp(mean), mean, n, meter.byte_sparsity(), meter.per_layer(), window_nll, T - prefix)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, per_window: int, samples: int = 2000, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """Mean NLL difference (nats/token) of ``a - b`` (per-window NLL sums over the same
+    windows) and its 95% bootstrap interval over windows."""
+    d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) / per_window
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.size, size=(samples, d.size))].mean(1)
+    return float(d.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 # -- greedy generation agreement ----------------------------------------------------------

@@ -63,10 +63,14 @@ def add_parsers(sub, add_model_arg) -> None:
                    help="prompts for greedy-generation agreement (default 16; 0: skip)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy continuation length (default 64)")
     p.add_argument("--dynamic", action="store_true",
-                   help="also evaluate the runtime's dynamic controller (exact step-by-step decode) against "
-                        "static thresholds through the same loop (needs --profile)")
+                   help="also evaluate the runtime's dynamic controller against static thresholds at the same mean "
+                        "sparsity: one teacher-forced pass on --tokens, exact step-by-step decode on "
+                        "--dynamic-tokens (needs --profile)")
+    p.add_argument("--controller", metavar="JSON", help="controller settings for --dynamic: a JSON object of "
+                                                        "ControllerConfig fields to override (docs/controller.md)")
     p.add_argument("--dynamic-tokens", type=int, default=4096,
-                   help="tokens of the step-by-step evaluation (default 4096, windows of 256, prefix 32)")
+                   help="tokens of the step-by-step evaluation, the first of --tokens (default 4096; windows of 256, "
+                        "prefix 32)")
     p.add_argument("-o", "--output", metavar="DIR", help="directory for eval.json and eval.png")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.set_defaults(func=run_eval)
@@ -181,6 +185,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from clada_export.calibrate.allocation import calibration_from_profile, check_target, run_calibration
     from clada_export.calibrate.quality import greedy_agreement, perplexity
     from clada_export.profile import SparsityProfile, model_fingerprint
+    from clada_export.runtime.controller import load_controller_config
 
     for s in args.levels:
         check_target(s)
@@ -192,6 +197,9 @@ def run_eval(args: argparse.Namespace) -> None:
                         f"ask for at least {args.window}")
     if args.dynamic and not args.profile:
         raise UserError("--dynamic needs --profile (the controller runs on a profile's tables and allocation)")
+    if args.controller and not args.dynamic:
+        raise UserError("--controller sets the dynamic controller: add --dynamic")
+    controller_config = load_controller_config(args.controller)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     out_dir = Path(args.output) if args.output else None
@@ -271,7 +279,7 @@ def run_eval(args: argparse.Namespace) -> None:
                           "s_mid": np.round(s_mid, 4).tolist()})
 
     if args.dynamic:
-        results["dynamic"] = _dynamic_eval(model, tokenizer, profile, ids, args)
+        results["dynamic"] = _dynamic_eval(model, profile, ids, args, controller_config)
 
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     _print_table(results, dense.perplexity)
@@ -284,46 +292,94 @@ def run_eval(args: argparse.Namespace) -> None:
 
 # allocation shift (byte sparsity) of the extra static runs around the profile's
 DYNAMIC_BRACKET = 0.02
+DYNAMIC_WINDOW, DYNAMIC_PREFIX = 256, 32
 
 
-def _dynamic_eval(model, tokenizer, profile, ids, args) -> dict:
-    """Exact step-by-step teacher-forced decode: the runtime's controller vs the profile's
-    static thresholds through the same loop, on the same windows."""
-    from clada_export.calibrate.quality import StaticThresholds, perplexity, stepwise_perplexity
+def _static_curve(run, profile, bracket: float = DYNAMIC_BRACKET) -> list:
+    """Static thresholds at the profile's allocation and shifted by +-bracket, each run
+    through ``run(make_source, label)``; sorted by the sparsity they reached."""
+    from clada_export.calibrate.quality import StaticThresholds
+
+    out = []
+    for shift in (-bracket, 0.0, bracket):
+        thr = profile.thresholds_at(profile.s_in + shift, profile.s_mid + shift)
+        out.append(run(lambda B, thr=thr: StaticThresholds(thr, B), f"static {shift:+.2f}"))
+    return sorted(out, key=lambda r: r.byte_sparsity)
+
+
+def _at(curve: list, sparsity: float, values) -> np.ndarray:
+    """Linear interpolation of per-run ``values(run)`` at ``sparsity`` along a static curve."""
+    xs = [r.byte_sparsity for r in curve]
+    ys = np.stack([np.asarray(values(r), dtype=np.float64) for r in curve])
+    return np.array([np.interp(sparsity, xs, ys[:, i]) for i in range(ys.shape[1])])
+
+
+def _dynamic_eval(model, profile, ids, args, config) -> dict:
+    """The runtime's controller against static thresholds at the same mean sparsity.
+
+    One-pass mode (teacher-forced, per-token thresholds from a dense pass's signals) on
+    ``--tokens``; the exact step-by-step mode (KV-cache decode, signals of the sparse run
+    itself) on the first ``--dynamic-tokens`` of them. In both, static thresholds run
+    through the same loop at the allocation and shifted by +-DYNAMIC_BRACKET, and static
+    NLL is interpolated at the sparsity the dynamic run reached."""
+    from clada_export.calibrate.quality import (one_pass_dynamic_perplexity, paired_difference, perplexity,
+                                                stepwise_perplexity)
     from clada_export.runtime.controller import ThresholdController
 
-    window, prefix = 256, 32
-    n = max(1, args.dynamic_tokens // window)
-    if len(ids) < n * window:
-        raise UserError(f"the evaluation text holds {len(ids)} tokens, --dynamic-tokens needs {n * window}")
-    w = windows_of(ids, 0, n * window, window)
-    static_thr = profile.static_thresholds()
-    dyn = stepwise_perplexity(model, w, lambda B: ThresholdController(profile, batch=B), prefix=prefix,
-                              batch_size=8, desc="eval: dynamic (stepwise)")
-    sta = stepwise_perplexity(model, w, lambda B: StaticThresholds(static_thr, B), prefix=prefix,
-                              batch_size=8, desc="eval: static (stepwise)")
-    # Static runs a little denser and sparser than the profile's allocation, so that
-    # static perplexity can be read off at exactly the sparsity the dynamic run reached.
-    curve = [(sta.byte_sparsity, sta.nll)]
-    for shift in (-DYNAMIC_BRACKET, DYNAMIC_BRACKET):
-        thr = profile.thresholds_at(profile.s_in + shift, profile.s_mid + shift)
-        r = stepwise_perplexity(model, w, lambda B, thr=thr: StaticThresholds(thr, B), prefix=prefix,
-                                batch_size=8, desc=f"eval: static {shift:+.2f} (stepwise)")
-        curve.append((r.byte_sparsity, r.nll))
-    curve.sort()
-    static_at_dyn = math.exp(float(np.interp(dyn.byte_sparsity, [c[0] for c in curve], [c[1] for c in curve])))
+    window, prefix = DYNAMIC_WINDOW, DYNAMIC_PREFIX
+    n_one = max(1, args.tokens // window)
+    n_step = min(n_one, max(1, args.dynamic_tokens // window))
+    if len(ids) < n_one * window:
+        raise UserError(f"the evaluation text holds {len(ids)} tokens; the dynamic evaluation needs "
+                        f"{n_one * window} (--tokens); pass fewer")
+    w = windows_of(ids, 0, n_one * window, window)
+    controller = lambda B: ThresholdController(profile, config, batch=B)  # noqa: E731
+    targets = window - prefix
+
+    def one_pass(make, label):
+        return one_pass_dynamic_perplexity(model, w, make, prefix=prefix, batch_size=8,
+                                           desc=f"eval: {label} (one pass)")
+
+    def stepwise(make, label):
+        return stepwise_perplexity(model, w[:n_step], make, prefix=prefix, batch_size=8,
+                                   desc=f"eval: {label} (step by step)")
+
+    dyn1 = one_pass(controller, "dynamic")
+    curve1 = _static_curve(one_pass, profile)
+    static1 = _at(curve1, dyn1.byte_sparsity, lambda r: r.window_nll)
+    diff, lo, hi = paired_difference(dyn1.window_nll, static1, targets)
+    dyn_s = stepwise(controller, "dynamic")
+    curve_s = _static_curve(stepwise, profile)
+    # per-window NLL sums of the exact mode: its surprisals of the true tokens [steps, N]
+    static_sw = _at(curve_s, dyn_s.byte_sparsity, lambda r: r.surprisal.sum(0))
+    diff_s, lo_s, hi_s = paired_difference(dyn_s.surprisal.sum(0), static_sw, targets)
+    static_s = math.exp(float(static_sw.sum()) / dyn_s.tokens)
+    # the same windows in one-pass mode, to compare the modes
+    one_on_step = math.exp(float(dyn1.window_nll[:n_step].sum()) / (n_step * targets))
     dense = perplexity(model, w, None, batch_size=args.batch_size, measure_sparsity=False,
                        first_target=prefix, desc="eval: dense (same targets)")
-    one_pass = perplexity(model, w, static_thr, batch_size=args.batch_size, first_target=prefix,
-                          desc="eval: static (one pass)")
-    return {"mode": "exact step-by-step teacher-forced decode (KV cache), prefix prefilled dense",
-            "tokens": int(dyn.tokens), "window": window, "prefix": prefix,
-            "dense": dense.perplexity, "static_stepwise": sta.to_dict(), "dynamic_stepwise": dyn.to_dict(),
-            "static_curve": [{"byte_sparsity": a, "perplexity": math.exp(b)} for a, b in curve],
-            "static_at_dynamic_sparsity": static_at_dyn,
-            "dynamic_minus_static_at_same_sparsity": dyn.perplexity - static_at_dyn,
-            "static_one_pass": {**one_pass.to_dict(), "note": "one teacher-forced pass: the prefix runs "
-                                "sparse too (step-by-step prefills it dense)"}}
+    static_ppl1 = math.exp(float(static1.sum()) / dyn1.tokens)
+    return {
+        "window": window, "prefix": prefix, "dense": dense.perplexity,
+        "controller": config.to_dict(),
+        "one_pass": {
+            "mode": "teacher-forced, one sparse pass per window; per-token thresholds from the controller fed "
+                    "the signals of a dense pass; prefix dense",
+            "tokens": dyn1.tokens, "dynamic": dyn1.to_dict(),
+            "static_curve": [r.to_dict() for r in curve1],
+            "static_at_dynamic_sparsity": static_ppl1,
+            "dynamic_minus_static_nll": diff, "nll_difference_95ci": [lo, hi],
+        },
+        "stepwise": {
+            "mode": "exact step-by-step teacher-forced decode (KV cache); signals of the sparse run; prefix dense",
+            "tokens": dyn_s.tokens, "dynamic": dyn_s.to_dict(),
+            "static_curve": [r.to_dict() for r in curve_s],
+            "static_at_dynamic_sparsity": static_s,
+            "dynamic_minus_static_nll": diff_s, "nll_difference_95ci": [lo_s, hi_s],
+        },
+        "modes_compared": {"tokens": dyn_s.tokens, "dynamic_stepwise": dyn_s.perplexity,
+                           "dynamic_one_pass": one_on_step},
+    }
 
 
 def _write_json(path: Path, obj) -> None:
@@ -362,10 +418,18 @@ def _print_table(results: dict, dense_ppl: float) -> None:
               f"{_pct(r['perplexity'], dense_ppl):>9} {agree:>7} {prefix:>7}")
     d = results.get("dynamic")
     if d:
-        print(f"step-by-step ({d['tokens']} tokens): dense {d['dense']:.3f}; static {d['static_stepwise']['perplexity']:.3f} "
-              f"at {d['static_stepwise']['byte_sparsity']:.3f}; dynamic {d['dynamic_stepwise']['perplexity']:.3f} "
-              f"at {d['dynamic_stepwise']['byte_sparsity']:.3f}; static at the dynamic run's sparsity "
-              f"(interpolated) {d['static_at_dynamic_sparsity']:.3f}")
+        print(f"dynamic vs static at the same mean sparsity (windows of {d['window']}, prefix {d['prefix']} dense; "
+              f"dense {d['dense']:.3f}):")
+        for key in ("one_pass", "stepwise"):
+            m = d[key]
+            line = (f"  {key.replace('_', ' '):<9} {m['tokens']:>6} tokens: dynamic {m['dynamic']['perplexity']:.3f} "
+                    f"at {m['dynamic']['byte_sparsity']:.4f}, static there {m['static_at_dynamic_sparsity']:.3f}; "
+                    f"NLL difference {m['dynamic_minus_static_nll']:+.4f}")
+            lo, hi = m["nll_difference_95ci"]
+            print(line + f" (95% CI {lo:+.4f} .. {hi:+.4f})")
+        c = d["modes_compared"]
+        print(f"  modes on the same {c['tokens']} tokens: dynamic step by step {c['dynamic_stepwise']:.3f}, "
+              f"one pass {c['dynamic_one_pass']:.3f}")
 
 
 def _plot(results: dict, path: Path) -> None:

@@ -28,6 +28,8 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--controller", metavar="JSON", help="controller settings: a JSON object of ControllerConfig "
+                                                        "fields to override (docs/controller.md)")
     p.add_argument("--trace", help="write the controller's decisions as JSONL here")
     p.add_argument("--plot", help="write a PNG of surprisal, entropy and chosen sparsity per token here")
     p.set_defaults(func=run_generate)
@@ -63,7 +65,7 @@ def make_backend(name: str, export_dir: Path, manifest: dict, device: str | None
 def run_generate(args: argparse.Namespace) -> None:
     from clada_export.export.onnx_export import read_manifest
     from clada_export.profile import SparsityProfile
-    from clada_export.runtime.controller import ControllerConfig, ThresholdController
+    from clada_export.runtime.controller import ThresholdController, load_controller_config
     from clada_export.runtime.generator import Generator
     from clada_export.runtime.sampling import SamplingConfig
 
@@ -75,6 +77,7 @@ def run_generate(args: argparse.Namespace) -> None:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
+    controller_config = load_controller_config(args.controller)
     tok = load_tokenizer(export_dir, manifest)
     texts = args.prompt
     if args.chat:
@@ -96,7 +99,7 @@ def run_generate(args: argparse.Namespace) -> None:
             static, mode = profile.static_thresholds(), "static"
         else:
             def factory(batch: int) -> ThresholdController:
-                controllers.append(ThresholdController(profile, ControllerConfig(), batch=batch, trace=args.trace))
+                controllers.append(ThresholdController(profile, controller_config, batch=batch, trace=args.trace))
                 return controllers[-1]
 
             mode = "dynamic"

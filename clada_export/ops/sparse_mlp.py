@@ -59,15 +59,26 @@ def sparse_mlp_reference(
 ) -> torch.Tensor:
     """Gated MLP with input and intermediate magnitude thresholds.
 
-    x: ``[B, ..., hidden]``; thresholds: ``[B, 2]`` = (t_in, t_mid) per sequence.
+    x: ``[B, ..., hidden]``; thresholds: ``[B, 2]`` = (t_in, t_mid) per sequence (the
+    graphs' contract), or ``[B, T, 2]`` per token for ``x [B, T, hidden]`` (teacher-forced
+    evaluation of dynamic control in one pass: token ``t`` runs at its own thresholds,
+    as it would in its own decode step).
     ``x_s = x * (|x| > t_in)``, ``h = act(x_s @ Wg) * (x_s @ Wu)``,
     ``h_s = h * (|h| > t_mid)``, ``y = h_s @ Wd``. Zero thresholds are exactly dense:
     ``|v| > 0`` keeps every nonzero value and a zero contributes nothing either way.
     """
-    check_thresholds(thresholds, x.shape[0])
-    x_s = torch.where(x.abs() > _per_row(thresholds, 0, x), x, torch.zeros_like(x))
+    if thresholds.dim() == 3:
+        if x.dim() != 3 or tuple(thresholds.shape) != (*x.shape[:2], 2):
+            raise ValueError(f"thresholds must have shape [batch={x.shape[0]}, 2] (t_in, t_mid) for one layer, "
+                             f"or per token {[*x.shape[:-1], 2]} for x of shape {list(x.shape)}, "
+                             f"got {list(thresholds.shape)}")
+        t_in, t_mid = thresholds[..., 0:1].to(x.dtype), thresholds[..., 1:2].to(x.dtype)
+    else:
+        check_thresholds(thresholds, x.shape[0])
+        t_in, t_mid = _per_row(thresholds, 0, x), _per_row(thresholds, 1, x)
+    x_s = torch.where(x.abs() > t_in, x, torch.zeros_like(x))
     h = gated_intermediate(x_s, w_gate_t, w_up_t, act)
-    h_s = torch.where(h.abs() > _per_row(thresholds, 1, h), h, torch.zeros_like(h))
+    h_s = torch.where(h.abs() > t_mid.to(h.dtype), h, torch.zeros_like(h))
     return h_s @ w_down_t
 
 

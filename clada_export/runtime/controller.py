@@ -32,6 +32,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import IO, Any, Iterable, Sequence
 
 import numpy as np
@@ -135,6 +136,30 @@ class ControllerConfig:
         if unknown:
             raise UserError(f"controller config has unknown keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
+
+
+def load_controller_config(path: str | os.PathLike | None) -> ControllerConfig:
+    """A :class:`ControllerConfig` from a JSON object of field overrides (the defaults
+    for ``None``), validated; errors name the file and the field."""
+    if path is None:
+        return ControllerConfig()
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"controller config {path} does not exist; pass a JSON file such as "
+                        '{"dense_offset": 0.05, "prefix_strength": 0}') from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"controller config {path} is not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"controller config {path} must hold a JSON object of ControllerConfig fields")
+    try:
+        cfg = ControllerConfig.from_dict(d)
+        cfg.validate()
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except TypeError as e:
+        raise UserError(f"{path}: controller config has a field of the wrong type ({e})") from None
+    return cfg
 
 
 def _interp_rows(x: np.ndarray, levels: np.ndarray, table: np.ndarray) -> np.ndarray:
