@@ -10,6 +10,10 @@ agreement with the dense model.
   is given the previous step's signals (surprisal of the true next token, entropy) and
   returns the thresholds ``[L, B, 2]`` of the next step. Static thresholds through the
   same loop give the like-for-like baseline.
+* :func:`one_pass_dynamic_perplexity` -- the same protocol in one sparse pass per
+  window: each position runs at its own thresholds (per token), which the source chose
+  from the signals of a dense pass; :func:`paired_difference` gives the mean NLL
+  difference of two runs over the same windows with a bootstrap interval.
 * :func:`greedy_agreement` -- K prompts from the evaluation text continued for 64 tokens
   greedily, dense and sparse; the fraction of positions where the two agree.
 
