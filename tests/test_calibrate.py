@@ -164,8 +164,8 @@ def test_one_pass_dynamic_mode_is_the_stepwise_protocol(tiny):
     thresholds that depend only on the tokens fed (not on the signals, the one thing
     the one-pass mode takes from a dense pass instead), it gives the step-by-step
     perplexity and sparsity; with static thresholds, too."""
-    from clada_export.calibrate.quality import (StaticThresholds, one_pass_dynamic_perplexity,
-                                                paired_difference, stepwise_perplexity)
+    from clada_export.calibrate.quality import (StaticThresholds, dense_signals, one_pass_dynamic_perplexity,
+                                                paired_difference, perplexity, stepwise_perplexity)
 
     _, model, _, _ = tiny
     windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(5))
@@ -194,7 +194,12 @@ def test_one_pass_dynamic_mode_is_the_stepwise_protocol(tiny):
         assert 0.1 < one.byte_sparsity < 0.5
     static = one_pass_dynamic_perplexity(model, windows, lambda B: StaticThresholds(sparse, B), prefix=8,
                                          batch_size=2, progress=False)
-    by_token = one_pass_dynamic_perplexity(model, windows, ByToken, prefix=8, batch_size=2, progress=False)
+    signals = dense_signals(model, windows, prefix=8, batch_size=2, progress=False)
+    by_token = one_pass_dynamic_perplexity(model, windows, ByToken, prefix=8, batch_size=2, signals=signals,
+                                           progress=False)
+    np.testing.assert_array_equal(by_token.window_nll, one.window_nll)  # shared signals: same run
+    dense = perplexity(model, windows, None, batch_size=2, first_target=8, measure_sparsity=False, progress=False)
+    assert signals.nll() == pytest.approx(dense.nll, rel=1e-6)
     assert by_token.byte_sparsity < static.byte_sparsity - 0.02  # the per-token pattern is in effect
     d, lo, hi = paired_difference(by_token.window_nll, static.window_nll, by_token.window_tokens)
     assert lo <= d <= hi and d == pytest.approx(by_token.nll - static.nll, abs=1e-9)

@@ -286,8 +286,55 @@ class OnePassResult:
                 "sparsity_per_layer": np.round(self.sparsity_per_layer, 5).tolist()}
 
 
+@dataclass
+class DenseSignals:
+    """What the one-pass mode takes from the dense model, once per set of windows.
+    ``surprisal``/``entropy`` ``[N, T-1]``: column ``t-1`` holds token ``t``'s surprisal
+    under position ``t-1``'s distribution and that distribution's entropy (nats);
+    ``act_stats [L, N, 2]``: the prefill statistics of each window's first ``prefix``
+    tokens."""
+
+    surprisal: np.ndarray
+    entropy: np.ndarray
+    act_stats: np.ndarray
+    prefix: int
+
+    def nll(self) -> float:
+        """The dense model's mean NLL over the targets ``prefix..T-1``."""
+        return float(self.surprisal[:, self.prefix - 1:].astype(np.float64).mean())
+
+
+def dense_signals(model, windows: torch.Tensor, prefix: int = 32, batch_size: int = 8,
+                  desc: str = "dense signals", progress: bool = True) -> DenseSignals:
+    """The dense passes the one-pass mode needs (see :class:`DenseSignals`): the prefix
+    prefilled alone, as the exact mode does, for its statistics; every window in full
+    for the signals."""
+    L = model.cfg.num_layers
+    dev = _device(model)
+    N, T = windows.shape
+    if not 1 <= prefix < T - 1:
+        raise ValueError(f"prefix must be in [1, {T - 2}], got {prefix}")
+    surprisal, entropy, stats = np.zeros((N, T - 1), np.float32), np.zeros((N, T - 1), np.float32), []
+    with torch.inference_mode():
+        for s in tqdm(range(0, N, batch_size), total=-(-N // batch_size), desc=desc, unit="batch",
+                      file=sys.stderr, disable=not progress, leave=False):
+            ids = windows[s:s + batch_size].to(dev)
+            B = ids.shape[0]
+            pos = torch.arange(T, device=dev)[None].expand(B, T)
+            zeros = torch.zeros(L, B, 2, device=dev)
+            k, v = model.new_cache(B, T)
+            stats.append(model(ids[:, :prefix], pos[:, :prefix], k, v, zeros, with_stats=True).act_stats.cpu())
+            k, v = model.new_cache(B, T)
+            logits = model(ids, pos, k, v, zeros, all_logits=True).logits[:, :-1]
+            e, lse = cognitive_signals(logits.reshape(-1, logits.shape[-1]))
+            surprisal[s:s + B] = (lse.view(B, T - 1) - logits.gather(-1, ids[:, 1:, None])[..., 0]).cpu().numpy()
+            entropy[s:s + B] = e.view(B, T - 1).cpu().numpy()
+    return DenseSignals(surprisal, entropy, torch.cat(stats, dim=1).numpy(), prefix)
+
+
 def one_pass_dynamic_perplexity(model, windows: torch.Tensor, make_source, prefix: int = 32, batch_size: int = 8,
-                                desc: str = "one pass", progress: bool = True) -> OnePassResult:
+                                signals: DenseSignals | None = None, desc: str = "one pass",
+                                progress: bool = True) -> OnePassResult:
     """Teacher-forced evaluation of dynamic control in one sparse pass per window.
 
     The same protocol as :func:`stepwise_perplexity` (dense prefix with activation
@@ -298,12 +345,16 @@ def one_pass_dynamic_perplexity(model, windows: torch.Tensor, make_source, prefi
     thresholds (per-token ``[B, T, 2]``, see ``sparse_mlp_reference``), which in a
     decode loop it would do in its own step: the one difference from the exact mode is
     the source of the signals. Sparsity is measured on positions ``prefix..T-2`` (the
-    decode steps of the exact mode)."""
+    decode steps of the exact mode). ``signals``: :func:`dense_signals` of these
+    windows, when several runs share them (computed here otherwise)."""
     L = model.cfg.num_layers
     dev = _device(model)
     N, T = windows.shape
-    if not 1 <= prefix < T - 1:
-        raise ValueError(f"prefix must be in [1, {T - 2}], got {prefix}")
+    if signals is None:
+        signals = dense_signals(model, windows, prefix, batch_size, progress=progress)
+    if signals.prefix != prefix or signals.surprisal.shape != (N, T - 1):
+        raise ValueError(f"signals are for prefix {signals.prefix} and windows {list(signals.surprisal.shape)} "
+                         f"(+1 token), not prefix {prefix} and windows {[N, T]}")
     meter = SparsityMeter(model, h_rows=32, positions=(prefix, T - 1))
     window_nll = np.zeros(N)
     with torch.inference_mode():
@@ -311,26 +362,17 @@ def one_pass_dynamic_perplexity(model, windows: torch.Tensor, make_source, prefi
                       file=sys.stderr, disable=not progress, leave=False):
             ids = windows[s:s + batch_size].to(dev)
             B = ids.shape[0]
-            pos = torch.arange(T, device=dev)[None].expand(B, T)
-            zeros = torch.zeros(L, B, 2, device=dev)
-            k, v = model.new_cache(B, T)
-            stats = model(ids[:, :prefix], pos[:, :prefix], k, v, zeros, with_stats=True).act_stats
-            k, v = model.new_cache(B, T)
-            logits = model(ids, pos, k, v, zeros, all_logits=True).logits  # dense: the signals
-            entropy, lse = cognitive_signals(logits[:, :-1].reshape(-1, logits.shape[-1]))
-            entropy, lse = entropy.view(B, T - 1), lse.view(B, T - 1)
-            # signals of token t (t >= 1): its surprisal under position t-1's distribution, that entropy
-            surprisal = (lse - logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]).cpu().numpy()
-            entropy = entropy.cpu().numpy()
+            surprisal, entropy = signals.surprisal[s:s + B], signals.entropy[s:s + B]
             source = make_source(B)
-            source.begin(stats.cpu().numpy())
+            source.begin(signals.act_stats[:, s:s + B])
             thr = torch.zeros(L, B, T, 2)
             for t in range(prefix, T - 1):
                 thr[:, :, t] = torch.as_tensor(np.asarray(source.step(surprisal[:, t - 1], entropy[:, t - 1],
                                                                       tokens=ids[:, t].cpu().numpy())))
             k, v = model.new_cache(B, T)
             with meter:
-                logits = model(ids, pos, k, v, thr.to(dev), all_logits=True).logits
+                logits = model(ids, torch.arange(T, device=dev)[None].expand(B, T), k, v, thr.to(dev),
+                               all_logits=True).logits
             pred = logits[:, prefix - 1:T - 1].float()
             tok_nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, prefix:].reshape(-1),
                                       reduction="none").view(B, -1)

@@ -322,7 +322,7 @@ def _dynamic_eval(model, profile, ids, args, config) -> dict:
     itself) on the first ``--dynamic-tokens`` of them. In both, static thresholds run
     through the same loop at the allocation and shifted by +-DYNAMIC_BRACKET, and static
     NLL is interpolated at the sparsity the dynamic run reached."""
-    from clada_export.calibrate.quality import (one_pass_dynamic_perplexity, paired_difference, perplexity,
+    from clada_export.calibrate.quality import (dense_signals, one_pass_dynamic_perplexity, paired_difference,
                                                 stepwise_perplexity)
     from clada_export.runtime.controller import ThresholdController
 
@@ -336,8 +336,11 @@ def _dynamic_eval(model, profile, ids, args, config) -> dict:
     controller = lambda B: ThresholdController(profile, config, batch=B)  # noqa: E731
     targets = window - prefix
 
+    # one dense pass serves every one-pass run (the signals) and the dense row
+    signals = dense_signals(model, w, prefix, batch_size=8, desc="eval: dense signals")
+
     def one_pass(make, label):
-        return one_pass_dynamic_perplexity(model, w, make, prefix=prefix, batch_size=8,
+        return one_pass_dynamic_perplexity(model, w, make, prefix=prefix, batch_size=8, signals=signals,
                                            desc=f"eval: {label} (one pass)")
 
     def stepwise(make, label):
@@ -356,11 +359,9 @@ def _dynamic_eval(model, profile, ids, args, config) -> dict:
     static_s = math.exp(float(static_sw.sum()) / dyn_s.tokens)
     # the same windows in one-pass mode, to compare the modes
     one_on_step = math.exp(float(dyn1.window_nll[:n_step].sum()) / (n_step * targets))
-    dense = perplexity(model, w, None, batch_size=args.batch_size, measure_sparsity=False,
-                       first_target=prefix, desc="eval: dense (same targets)")
     static_ppl1 = math.exp(float(static1.sum()) / dyn1.tokens)
     return {
-        "window": window, "prefix": prefix, "dense": dense.perplexity,
+        "window": window, "prefix": prefix, "dense": math.exp(signals.nll()),
         "controller": config.to_dict(),
         "one_pass": {
             "mode": "teacher-forced, one sparse pass per window; per-token thresholds from the controller fed "
