@@ -96,6 +96,17 @@ class Attention(nn.Module):
                 p.bias.data = self.qkv_bias[start:start + rows]
             start += rows
 
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() give the parameters new storage that is no longer a view of
+        # qkv_weight (a plain attribute, which they would not move): fuse again from the
+        # converted parameters so the fused GEMV never reads stale weights on the old device.
+        fused = self.qkv_weight is not None
+        self.qkv_weight = self.qkv_bias = None
+        super()._apply(fn, recurse)
+        if fused:
+            self.fuse_qkv()
+        return self
+
     def forward(
         self,
         x: torch.Tensor,

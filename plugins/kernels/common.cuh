@@ -1,9 +1,11 @@
 // Helpers shared by the kernels of libclada_kernels.so: 16-bit float <-> fp32, eight
-// packed values per 16-byte load or store, the streaming weight load.
+// packed values per 16-byte load or store, the streaming weight load; on the host, the
+// argument checks of the C entry points.
 #ifndef CLADA_KERNELS_COMMON_CUH_
 #define CLADA_KERNELS_COMMON_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -85,6 +87,19 @@ __device__ __forceinline__ uint4 ld_weights(const void* p) {
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return r;
+}
+
+// -- host side of the C entry points
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The caller's workspace must hold `need` bytes. It is zeroed here unless the caller says it
+// already is: every kernel of the library leaves its workspace zeroed when it finishes, so a
+// caller that keeps one workspace per launch site zeroes it once.
+inline cudaError_t prepare_workspace(void* workspace, size_t workspace_bytes, size_t need, int is_zeroed,
+                                     cudaStream_t stream) {
+  if (workspace_bytes < need) return cudaErrorInvalidValue;
+  return is_zeroed ? cudaSuccess : cudaMemsetAsync(workspace, 0, need, stream);
 }
 
 }  // namespace clada

@@ -28,6 +28,7 @@
 
 namespace {
 
+using clada::aligned16;
 using clada::kWarp;
 using clada::pack8;
 using clada::round_to;
@@ -308,8 +309,6 @@ int launch(const void* q, const void* k, const void* v, long long qs, long long 
   return (int)cudaGetLastError();
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 }  // namespace
 
 extern "C" {
@@ -338,11 +337,8 @@ int clada_decode_attention(const void* q, const void* k, const void* v, long lon
       !aligned16(workspace))
     return (int)cudaErrorInvalidValue;
   const size_t need = layout(batch, heads, head_dim, max_len).total;
-  if (workspace_bytes < need) return (int)cudaErrorInvalidValue;
-  if (!workspace_is_zeroed) {
-    const cudaError_t err = cudaMemsetAsync(workspace, 0, need, stream);
-    if (err != cudaSuccess) return (int)err;
-  }
+  const cudaError_t ws_err = clada::prepare_workspace(workspace, workspace_bytes, need, workspace_is_zeroed, stream);
+  if (ws_err != cudaSuccess) return (int)ws_err;
   char* ws = static_cast<char*>(workspace);
   if (dtype == CLADA_DTYPE_BF16)
     return launch<__nv_bfloat16>(q, k, v, q_stride, k_stride, v_stride, inv_freq, rope_scale, position, k_cache,

@@ -33,6 +33,7 @@
 
 namespace {
 
+using clada::aligned16;
 using clada::kWarp;
 using clada::ld_weights;
 using clada::pack2;
@@ -789,8 +790,6 @@ int launch_dtype(const void* x, const void* wg, const void* wu, const void* wd, 
 #undef CLADA_LAUNCH
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 }  // namespace
 
 extern "C" {
@@ -818,11 +817,8 @@ int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* w_up_t, co
       !aligned16(y) || !aligned16(workspace))
     return (int)cudaErrorInvalidValue;
   const size_t need = layout(batch, hidden, inter).total;
-  if (workspace_bytes < need) return (int)cudaErrorInvalidValue;
-  if (!workspace_is_zeroed) {
-    const cudaError_t err = cudaMemsetAsync(workspace, 0, need, stream);
-    if (err != cudaSuccess) return (int)err;
-  }
+  const cudaError_t ws_err = clada::prepare_workspace(workspace, workspace_bytes, need, workspace_is_zeroed, stream);
+  if (ws_err != cudaSuccess) return (int)ws_err;
   char* ws = static_cast<char*>(workspace);
   if (dtype == CLADA_DTYPE_BF16)
     return launch_dtype<__nv_bfloat16>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden,

@@ -9,6 +9,7 @@
 #include <iostream>
 #include <mutex>
 #include <sstream>
+#include <string>
 
 using namespace nvinfer1;
 
@@ -491,6 +492,15 @@ IPluginV3* SparseMLPPluginCreator::createPlugin(
 {
     try
     {
+        // Compiled against sparse_mlp.h, but libclada_kernels.so is resolved at load time:
+        // refuse a library of another C ABI version instead of calling into it.
+        int const abi = clada_kernels_abi_version();
+        if (abi != CLADA_KERNELS_ABI_VERSION)
+        {
+            logError("libclada_kernels has C ABI version " + std::to_string(abi) + ", this plugin was built for "
+                + std::to_string(CLADA_KERNELS_ABI_VERSION) + "; build both from the same plugins/ tree");
+            return nullptr;
+        }
         int32_t activation = CLADA_ACT_SILU; // the node carries no attribute today: SwiGLU
         for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
         {
