@@ -193,7 +193,6 @@ def bench_shape(name, hidden, inter, dtype, copy_bw, l2_bytes, sparsities, batch
 
 VARIANTS = {  # name: (gateup_splits, down_rows_per_block, flags)
     "2-kernel": (0, 0, 0),
-    "fused": (0, 0, native.FLAG_FUSED),
     "2-kernel/pdl": (0, 0, native.FLAG_PDL),
     "2-kernel/s16": (16, 0, 0),
 }
@@ -269,7 +268,6 @@ def main() -> None:
     ap.add_argument("--batches", nargs="*", default=list(BATCHES))
     ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     ap.add_argument("--sweep", action="store_true", help="also time launch variants (llama3-8b, B=1 and 4c)")
-    ap.add_argument("--fused", action="store_true", help="main table with the one-launch fused path")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -283,8 +281,6 @@ def main() -> None:
           f"read-only (sum) {read_bw/1e12:.2f} TB/s", flush=True)
     if args.sweep:
         sweep(dtype, copy_bw)
-    if args.fused:
-        native.set_tuning(0, 0, native.FLAG_FUSED)
     rows: list[dict] = []
     for name in args.shapes:
         hidden, inter = SHAPES[name]

@@ -102,35 +102,18 @@ def test_kernel_matches_reference(model, dtype):
     assert not failures, "; ".join(failures)
 
 
-@pytest.fixture
-def fused_path():
-    native.set_tuning(flags=native.FLAG_FUSED)
-    yield
-    native.set_tuning()
-
-
-@pytest.mark.parametrize("model", list(SHAPES))
-def test_fused_path_matches_reference(model, fused_path):
-    """The one-launch path (work queue + per-tile counters): same checks, and each input
-    run three times (a race shows as a result that moves or a NaN)."""
-    hidden, inter = SHAPES[model]
-    failures = []
-    for dtype in DTYPES if model == "llama3-8b" else DTYPES[:1]:
-        wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
-        for batch in (1, 3, 8):
-            for sparsity in (0.0, 0.5, 0.9):
-                x = torch.randn(batch, hidden, device="cuda").to(dtype)
-                thr = thresholds_for(x, (wg64, wu64, wd64), sparsity)
-                ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
-                for rep in range(3):
-                    err = rel_err(run_kernel(x, wg, wu, wd, thr), ref)
-                    if not err <= REL_TOL:
-                        failures.append(f"{dtype} B={batch} s={sparsity} run {rep}: {err:.3g}")
-    assert not failures, "; ".join(failures)
-
-
-def test_fused_path_in_cuda_graph(fused_path):
-    test_cuda_graph_with_thresholds_updated_in_place()
+def test_unknown_flag_is_an_error():
+    """A flag the library does not know (2 was the removed one-launch path) fails the
+    call instead of being ignored."""
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
+    x = torch.randn(1, hidden, device="cuda").to(torch.bfloat16)
+    native.set_tuning(flags=2)
+    try:
+        with pytest.raises(RuntimeError, match="clada_sparse_mlp failed"):
+            run_kernel(x, wg, wu, wd, torch.zeros(1, 2, device="cuda"))
+    finally:
+        native.set_tuning()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])

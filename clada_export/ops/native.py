@@ -37,7 +37,7 @@ DEFAULT_LIB = REPO_ROOT / "plugins" / "build" / "libclada_kernels.so"
 BUILD_COMMAND = (
     "cmake -S plugins -B plugins/build -DCMAKE_BUILD_TYPE=Release && cmake --build plugins/build -j"
 )
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 
@@ -155,7 +155,6 @@ _tuning = _Config()
 
 
 FLAG_PDL = 1  # stage 2 by programmatic dependent launch (sm_90+); off by default
-FLAG_FUSED = 2  # both stages in one persistent launch
 
 
 def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int = 0) -> None:

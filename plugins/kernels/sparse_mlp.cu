@@ -18,16 +18,13 @@
 //
 // Thresholds are read from device memory: one CUDA graph serves every threshold.
 //
-// fused_kernel (CLADA_FLAG_FUSED, off by default) runs both stages in one persistent
-// launch; measured slower on the H100 (benchmarks/NOTES.md, v4).
+// Both stages in one persistent launch (a work queue) was built, measured slower on the
+// H100 at every sparsity, and removed (benchmarks/NOTES.md, v4).
 
 #include "sparse_mlp.h"
 
 #include <stdint.h>
 
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "common.cuh"
 
@@ -54,8 +51,6 @@ constexpr int s2_unroll() {
   return VPT == 1 ? 8 : (BT >= 8 ? 2 : 4);
 }
 constexpr int kSmemCap = 46 * 1024;         // stay under the 48 KB default dynamic limit
-
-__device__ __forceinline__ int cdiv_dev(int a, int b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ unsigned lanemask_lt() {
   unsigned m;
@@ -373,276 +368,8 @@ __global__ void __launch_bounds__(kS2MaxThreads)
   if (tid == 0) *counter = 0u;
 }
 
-// ---------------------------------------------------------------- fused (one launch)
-// The same two stages in one persistent kernel. Work items come from a queue (an atomic
-// counter in the workspace): first the stage-1 items (tile, split), split fastest so
-// tiles complete one after another, then the stage-2 items (row chunks). A stage-2 item
-// waits until every split of the tiles holding its rows has signalled (per-tile counters),
-// so stage 2 starts on early tiles while stage 1 finishes late ones, with no kernel
-// boundary. No deadlock whatever the residency: items are taken in order, so when an
-// item waits, every stage-1 item it waits for was already taken by a running block, and
-// stage-1 items never wait.
-// ctrl: [0] queue, [1] exited blocks, [2 + t] splits done of tile t; zero on entry.
-constexpr int kFusedMaxThreads = 512;
-
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-template <typename T, int BT, int VPT>
-__global__ void __launch_bounds__(kFusedMaxThreads, (BT <= 1 && VPT == 1) ? 2 : 1)
-    fused_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
-                 const T* __restrict__ wd, const float* __restrict__ thr, float* __restrict__ acc1,
-                 float* __restrict__ acc2, unsigned* __restrict__ ctrl, T* __restrict__ y, int B, int H,
-                 int I, int kc, int splits, int jc, int act) {
-  constexpr int kS2Unroll = s2_unroll<BT, VPT>();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
-  const int nthreads = blockDim.x, nwarps = nthreads / kWarp;
-  float* s_red = reinterpret_cast<float*>(smem_raw);                 // [nwarps][2][kS1Cols]
-  float* s_val = s_red + (size_t)nwarps * 2 * kS1Cols;               // [max(kc, jc)][BT]
-  int* s_idx = reinterpret_cast<int*>(s_val + (size_t)max(kc, jc) * BT);  // [max(kc, jc)]
-  __shared__ int s_cnt[kFusedMaxThreads / kWarp];
-  __shared__ float s_tin[BT], s_tmid[BT];
-  __shared__ int s_item, s_next;
-  __shared__ bool s_last;
-
-  const int ntiles = cdiv_dev(I, kS1Cols);
-  const int n1 = ntiles * splits;
-  const int total = n1 + cdiv_dev(I, jc);
-  unsigned* tile_done = ctrl + 2;
-  if (tid < BT) {
-    s_tin[tid] = (tid < B) ? thr[2 * tid] : __int_as_float(0x7f800000);
-    s_tmid[tid] = (tid < B) ? thr[2 * tid + 1] : __int_as_float(0x7f800000);
-  }
-  if (tid == 0) s_item = (int)atomicAdd(ctrl, 1u);
-  __syncthreads();
-
-  for (;;) {
-    const int item = s_item;
-    if (item >= total) break;
-    if (tid == 0) s_next = (int)atomicAdd(ctrl, 1u);  // prefetch the next item
-    if (item < n1) {
-      // ---- stage 1: rows [k0, k1) of W_gate_t/W_up_t, columns [col0, col0 + 256)
-      const int tile = item / splits, split = item - tile * splits;
-      const int col0 = tile * kS1Cols;
-      const int k0 = split * kc, k1 = min(H, k0 + kc);
-      int n = 0;
-      for (int r0 = k0; r0 < k1; r0 += nthreads) {
-        const int i = r0 + tid;
-        float v[BT];
-        bool any = false;
-#pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          v[b] = 0.0f;
-          if (b < B && i < k1) {
-            const float xv = to_float(x[(size_t)b * H + i]);
-            if (fabsf(xv) > s_tin[b]) {
-              v[b] = xv;
-              any = true;
-            }
-          }
-        }
-        const int slot = compact_slot(any, s_cnt, nwarps, n);
-        if (any) {
-          s_idx[slot] = i;
-#pragma unroll
-          for (int b = 0; b < BT; ++b) s_val[slot * BT + b] = v[b];
-        }
-      }
-      __syncthreads();
-      if (n > 0) {
-        float ag[BT][8], au[BT][8];
-#pragma unroll
-        for (int b = 0; b < BT; ++b)
-#pragma unroll
-          for (int c = 0; c < 8; ++c) ag[b][c] = au[b][c] = 0.0f;
-        const int col = col0 + lane * 8;
-        const bool col_ok = col < I;
-        for (int e = warp; e < n; e += nwarps * kS1Unroll) {
-          uint4 g[kS1Unroll], u[kS1Unroll];
-#pragma unroll
-          for (int q = 0; q < kS1Unroll; ++q) {
-            const int eq = e + q * nwarps;
-            g[q] = u[q] = make_uint4(0u, 0u, 0u, 0u);
-            if (eq < n && col_ok) {
-              const size_t row = (size_t)s_idx[eq] * I + col;
-              g[q] = ld_weights(wg + row);
-              u[q] = ld_weights(wu + row);
-            }
-          }
-#pragma unroll
-          for (int q = 0; q < kS1Unroll; ++q) {
-            const int eq = e + q * nwarps;
-            if (eq < n) {
-              float fg[8], fu[8];
-              unpack8<T>(g[q], fg);
-              unpack8<T>(u[q], fu);
-#pragma unroll
-              for (int b = 0; b < BT; ++b) {
-                const float xs = s_val[eq * BT + b];
-#pragma unroll
-                for (int c = 0; c < 8; ++c) {
-                  ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
-                  au[b][c] = fmaf(xs, fu[c], au[b][c]);
-                }
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          if (b >= B) break;
-          float4* dg = reinterpret_cast<float4*>(s_red + (warp * 2 + 0) * kS1Cols + lane * 8);
-          float4* du = reinterpret_cast<float4*>(s_red + (warp * 2 + 1) * kS1Cols + lane * 8);
-          dg[0] = make_float4(ag[b][0], ag[b][1], ag[b][2], ag[b][3]);
-          dg[1] = make_float4(ag[b][4], ag[b][5], ag[b][6], ag[b][7]);
-          du[0] = make_float4(au[b][0], au[b][1], au[b][2], au[b][3]);
-          du[1] = make_float4(au[b][4], au[b][5], au[b][6], au[b][7]);
-          __syncthreads();
-          for (int o = tid; o < 2 * kS1Cols; o += nthreads) {  // o: [gate|up][column]
-            const int which = o / kS1Cols, c = o - which * kS1Cols;
-            float sum = 0.0f;
-            for (int w = 0; w < nwarps; ++w) sum += s_red[(w * 2 + which) * kS1Cols + c];
-            if (col0 + c < I) atomicAdd(acc1 + ((size_t)b * 2 + which) * I + col0 + c, sum);
-          }
-          __syncthreads();
-        }
-      }
-      // publish: this split of the tile is in acc1
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) atomicAdd(tile_done + tile, 1u);
-    } else {
-      // ---- stage 2: rows [j0, j1) of W_down_t, all columns
-      const int chunk = item - n1;
-      const int j0 = chunk * jc, j1 = min(I, j0 + jc);
-      if (tid == 0) {
-        for (int t = j0 / kS1Cols; t <= (j1 - 1) / kS1Cols; ++t)
-          while (ld_acquire(tile_done + t) < (unsigned)splits) __nanosleep(64);
-      }
-      __syncthreads();
-      __threadfence();
-      int n = 0;
-      for (int r0 = j0; r0 < j1; r0 += nthreads) {
-        const int j = r0 + tid;
-        float hv[BT];
-        bool any = false;
-#pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          hv[b] = 0.0f;
-          if (b < B && j < j1) {
-            float* pg = acc1 + ((size_t)b * 2 + 0) * I + j;
-            float* pu = acc1 + ((size_t)b * 2 + 1) * I + j;
-            const float g = __ldcg(pg), u = __ldcg(pu);
-            __stcg(pg, 0.0f);
-            __stcg(pu, 0.0f);
-            const float h = activation(g, act) * u;
-            if (fabsf(h) > s_tmid[b]) {
-              hv[b] = h;
-              any = true;
-            }
-          }
-        }
-        const int slot = compact_slot(any, s_cnt, nwarps, n);
-        if (any) {
-          s_idx[slot] = j;
-#pragma unroll
-          for (int b = 0; b < BT; ++b) s_val[slot * BT + b] = hv[b];
-        }
-      }
-      __syncthreads();
-      if (n > 0) {
-        float a[VPT][BT][8];
-#pragma unroll
-        for (int v = 0; v < VPT; ++v)
-#pragma unroll
-          for (int b = 0; b < BT; ++b)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) a[v][b][c] = 0.0f;
-        int col[VPT];
-        bool ok[VPT];
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          col[v] = (v * nthreads + tid) * 8;
-          ok[v] = col[v] < H;
-        }
-        for (int e = 0; e < n; e += kS2Unroll) {
-          uint4 w[kS2Unroll][VPT];
-#pragma unroll
-          for (int q = 0; q < kS2Unroll; ++q) {
-            const int eq = e + q;
-            const size_t row = (size_t)s_idx[min(eq, n - 1)] * H;
-#pragma unroll
-            for (int v = 0; v < VPT; ++v) {
-              w[q][v] = make_uint4(0u, 0u, 0u, 0u);
-              if (eq < n && ok[v]) w[q][v] = ld_weights(wd + row + col[v]);
-            }
-          }
-#pragma unroll
-          for (int q = 0; q < kS2Unroll; ++q) {
-            const int eq = e + q;
-            if (eq < n) {
-#pragma unroll
-              for (int v = 0; v < VPT; ++v) {
-                float f[8];
-                unpack8<T>(w[q][v], f);
-#pragma unroll
-                for (int b = 0; b < BT; ++b) {
-                  const float hs = s_val[eq * BT + b];
-#pragma unroll
-                  for (int c = 0; c < 8; ++c) a[v][b][c] = fmaf(hs, f[c], a[v][b][c]);
-                }
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          if (!ok[v]) continue;
-#pragma unroll
-          for (int b = 0; b < BT; ++b) {
-            if (b >= B) break;
-            float* p = acc2 + (size_t)b * H + col[v];
-            red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
-            red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
-          }
-        }
-      }
-    }
-    __syncthreads();  // s_val/s_idx/s_red are reused by the next item
-    if (tid == 0) s_item = s_next;
-    __syncthreads();
-  }
-
-  // The last block out converts acc2 to y and leaves the workspace zeroed.
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) s_last = (atomicAdd(ctrl + 1, 1u) == gridDim.x - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  const int total4 = (B * H) / 4;
-  for (int k = tid; k < total4; k += nthreads) {
-    float4* p = reinterpret_cast<float4*>(acc2) + k;
-    const float4 sum = __ldcg(p);
-    __stcg(p, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-    uint2 o;
-    o.x = pack2<T>(sum.x, sum.y);
-    o.y = pack2<T>(sum.z, sum.w);
-    reinterpret_cast<uint2*>(y)[k] = o;
-  }
-  for (int t = tid; t < ntiles; t += nthreads) tile_done[t] = 0u;
-  if (tid == 0) {
-    ctrl[0] = 0u;
-    ctrl[1] = 0u;
-  }
-}
-
 // ---------------------------------------------------------------- host side
-constexpr size_t kCtrlBytes = 4096;
+constexpr size_t kCtrlBytes = 256;
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 int cdiv(int a, int b) { return (a + b - 1) / b; }
 
@@ -654,27 +381,8 @@ WorkspaceLayout layout(int batch, int hidden, int inter) {
   l.acc1 = 0;
   l.acc2 = align_up((size_t)batch * 2 * inter * sizeof(float), 256);
   l.counter = l.acc2 + align_up((size_t)batch * hidden * sizeof(float), 256);
-  l.total = l.counter + kCtrlBytes;  // counters (fused path: queue, exits, tiles)
+  l.total = l.counter + kCtrlBytes;  // stage 2's completion counter
   return l;
-}
-
-// Resident blocks per SM of a kernel (occupancy query, cached per kernel and device).
-int blocks_per_sm(const void* fn, int threads, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const auto key = std::make_tuple(fn, dev, threads, smem);
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int nb = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, threads, smem) != cudaSuccess || nb < 1) {
-    cudaGetLastError();  // clear it: a zero here only means "one block"
-    nb = 1;
-  }
-  cache[key] = nb;
-  return nb;
 }
 
 bool pdl_supported() {
@@ -733,26 +441,6 @@ int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, 
   const int nblocks2 = cdiv(I, jc);
   const size_t smem2 = (size_t)jc * (BT + 1) * sizeof(float);
 
-  if (cfg && (cfg->flags & CLADA_FLAG_FUSED)) {
-    // One persistent launch: ~max(256, stage-2 block) threads, blocks to fill the GPU once.
-    const int threads_f = max(256, threads2);
-    const size_t red_f = (size_t)(threads_f / kWarp) * 2 * kS1Cols * sizeof(float);
-    const int cap_f = (int)((kSmemCap - red_f) / ((BT + 1) * sizeof(float))) / 32 * 32;
-    int splits_f = cfg->gateup_splits > 0 ? cfg->gateup_splits : cdiv(H, 256 * BT);
-    splits_f = max(1, min(splits_f, cdiv(H, 32)));
-    int kc_f = (int)align_up((size_t)cdiv(H, splits_f), 32);
-    kc_f = min(kc_f, cap_f);
-    splits_f = cdiv(H, kc_f);
-    const int jc_f = min(jc, cap_f);
-    const size_t smem_f = red_f + (size_t)max(kc_f, jc_f) * (BT + 1) * sizeof(float);
-    const int grid_f = blocks_per_sm((const void*)fused_kernel<T, BT, VPT>, threads_f, smem_f) * sms;
-    fused_kernel<T, BT, VPT><<<grid_f, threads_f, smem_f, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(wg), static_cast<const T*>(wu),
-        static_cast<const T*>(wd), thr, acc1, acc2, counter, static_cast<T*>(y), B, H, I, kc_f,
-        splits_f, jc_f, act);
-    return (int)cudaGetLastError();
-  }
-
   gateup_kernel<T, BT><<<dim3(ntiles, splits), kS1Threads, smem1, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(wg), static_cast<const T*>(wu), thr, acc1,
       B, H, I, kc);
@@ -809,8 +497,8 @@ int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* w_up_t, co
   if (hidden < 8 || inter < 8 || hidden % 8 != 0 || inter % 8 != 0)
     return (int)cudaErrorInvalidValue;
   if (hidden > CLADA_SPARSE_MLP_MAX_HIDDEN) return (int)cudaErrorNotSupported;
-  if ((inter + 255) / 256 + 2 > (int)(kCtrlBytes / sizeof(unsigned))) return (int)cudaErrorNotSupported;
   if (act < CLADA_ACT_SILU || act > CLADA_ACT_GELU) return (int)cudaErrorInvalidValue;
+  if (config && (config->flags & ~CLADA_FLAG_PDL)) return (int)cudaErrorInvalidValue;  // unknown flag
   if (!x || !w_gate_t || !w_up_t || !w_down_t || !thresholds || !y || !workspace)
     return (int)cudaErrorInvalidValue;
   if (!aligned16(x) || !aligned16(w_gate_t) || !aligned16(w_up_t) || !aligned16(w_down_t) ||

@@ -34,8 +34,8 @@ extern "C" {
 #endif
 
 /* Version of the library's whole C ABI (this header and decode_attention.h); 2 added
- * clada_decode_attention. */
-#define CLADA_KERNELS_ABI_VERSION 2
+ * clada_decode_attention, 3 removed CLADA_FLAG_FUSED (2), now an unknown flag. */
+#define CLADA_KERNELS_ABI_VERSION 3
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 
@@ -53,9 +53,7 @@ typedef struct {
 /* Launch stage 2 with programmatic dependent launch (sm_90+). Off by default: on the
  * H100 it measured no faster (benchmarks/NOTES.md). */
 #define CLADA_FLAG_PDL 1
-/* Run both stages in one persistent launch (a work queue, per-tile completion counters:
- * stage 2 starts on finished tiles while stage 1 runs). */
-#define CLADA_FLAG_FUSED 2
+/* Any other bit set in flags makes the call fail with cudaErrorInvalidValue. */
 
 CLADA_API int clada_kernels_abi_version(void);
 
