@@ -203,6 +203,8 @@ def test_one_pass_dynamic_mode_is_the_stepwise_protocol(tiny):
     assert by_token.byte_sparsity < static.byte_sparsity - 0.02  # the per-token pattern is in effect
     d, lo, hi = paired_difference(by_token.window_nll, static.window_nll, by_token.window_tokens)
     assert lo <= d <= hi and d == pytest.approx(by_token.nll - static.nll, abs=1e-9)
+    one_window = paired_difference(np.array([3.0]), np.array([1.0]), 2)
+    assert one_window[0] == 1.0 and np.isnan(one_window[1]) and np.isnan(one_window[2])  # no fake interval
 
 
 def test_cli_errors(tiny, tmp_path, capsys):

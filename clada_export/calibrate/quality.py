@@ -385,8 +385,11 @@ def one_pass_dynamic_perplexity(model, windows: torch.Tensor, make_source, prefi
 def paired_difference(a: np.ndarray, b: np.ndarray, per_window: int, samples: int = 2000, seed: int = 0
                       ) -> tuple[float, float, float]:
     """Mean NLL difference (nats/token) of ``a - b`` (per-window NLL sums over the same
-    windows) and its 95% bootstrap interval over windows."""
+    windows) and its 95% bootstrap interval over windows; NaN bounds for fewer than 2
+    windows (resampling one window gives a zero-width interval that means nothing)."""
     d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) / per_window
+    if d.size < 2:
+        return float(d.mean()), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, d.size, size=(samples, d.size))].mean(1)
     return float(d.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))

@@ -427,7 +427,8 @@ def _print_table(results: dict, dense_ppl: float) -> None:
                     f"at {m['dynamic']['byte_sparsity']:.4f}, static there {m['static_at_dynamic_sparsity']:.3f}; "
                     f"NLL difference {m['dynamic_minus_static_nll']:+.4f}")
             lo, hi = m["nll_difference_95ci"]
-            print(line + f" (95% CI {lo:+.4f} .. {hi:+.4f})")
+            ci = f"95% CI {lo:+.4f} .. {hi:+.4f}" if math.isfinite(lo) else "one window: no interval"
+            print(f"{line} ({ci})")
         c = d["modes_compared"]
         print(f"  modes on the same {c['tokens']} tokens: dynamic step by step {c['dynamic_stepwise']:.3f}, "
               f"one pass {c['dynamic_one_pass']:.3f}")
