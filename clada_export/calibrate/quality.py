@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clada_export.model.llama import cognitive_signals
-from clada_export.ops.sparse_mlp import mlp_activation_magnitudes
+from clada_export.ops.sparse_mlp import mlp_activation_magnitudes, threshold_columns
 from clada_export.profile import byte_sparsity
 
 
@@ -74,11 +74,8 @@ class SparsityMeter:
             x, thr = args[0].detach(), args[1].detach()
             B = x.shape[0]
             rows = x.reshape(B, -1, x.shape[-1])  # [B, T, H]
-            if thr.dim() == 3:  # per token [B, T, 2]
-                t_in, t_mid = thr[..., 0:1].to(x.dtype), thr[..., 1:2].to(x.dtype)
-            else:
-                t_in = thr[:, 0].to(x.dtype)[:, None, None].expand(B, rows.shape[1], 1)
-                t_mid = thr[:, 1].to(x.dtype)[:, None, None].expand(B, rows.shape[1], 1)
+            # per sequence [B, 2] or per token [B, T, 2], as the op reads them
+            t_in, t_mid = (t.expand(B, rows.shape[1], 1) for t in threshold_columns(thr, rows))
             if self.positions is not None:
                 a, b = self.positions
                 rows, t_in, t_mid = rows[:, a:b], t_in[:, a:b], t_mid[:, a:b]

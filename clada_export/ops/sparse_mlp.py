@@ -49,6 +49,19 @@ def check_thresholds(thresholds: torch.Tensor, batch: int) -> None:
         )
 
 
+def threshold_columns(thresholds: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t_in, t_mid)`` in x's dtype, broadcastable over ``x [B, ..., C]`` (and h): from
+    ``thresholds [B, 2]`` per sequence, or ``[B, T, 2]`` per token for ``x [B, T, C]``."""
+    if thresholds.dim() == 3:
+        if x.dim() != 3 or tuple(thresholds.shape) != (*x.shape[:2], 2):
+            raise ValueError(f"thresholds must have shape [batch={x.shape[0]}, 2] (t_in, t_mid) for one layer, "
+                             f"or per token {[*x.shape[:-1], 2]} for x of shape {list(x.shape)}, "
+                             f"got {list(thresholds.shape)}")
+        return thresholds[..., 0:1].to(x.dtype), thresholds[..., 1:2].to(x.dtype)
+    check_thresholds(thresholds, x.shape[0])
+    return _per_row(thresholds, 0, x), _per_row(thresholds, 1, x)
+
+
 def sparse_mlp_reference(
     x: torch.Tensor,
     w_gate_t: torch.Tensor,
@@ -67,15 +80,7 @@ def sparse_mlp_reference(
     ``h_s = h * (|h| > t_mid)``, ``y = h_s @ Wd``. Zero thresholds are exactly dense:
     ``|v| > 0`` keeps every nonzero value and a zero contributes nothing either way.
     """
-    if thresholds.dim() == 3:
-        if x.dim() != 3 or tuple(thresholds.shape) != (*x.shape[:2], 2):
-            raise ValueError(f"thresholds must have shape [batch={x.shape[0]}, 2] (t_in, t_mid) for one layer, "
-                             f"or per token {[*x.shape[:-1], 2]} for x of shape {list(x.shape)}, "
-                             f"got {list(thresholds.shape)}")
-        t_in, t_mid = thresholds[..., 0:1].to(x.dtype), thresholds[..., 1:2].to(x.dtype)
-    else:
-        check_thresholds(thresholds, x.shape[0])
-        t_in, t_mid = _per_row(thresholds, 0, x), _per_row(thresholds, 1, x)
+    t_in, t_mid = threshold_columns(thresholds, x)
     x_s = torch.where(x.abs() > t_in, x, torch.zeros_like(x))
     h = gated_intermediate(x_s, w_gate_t, w_up_t, act)
     h_s = torch.where(h.abs() > t_mid.to(h.dtype), h, torch.zeros_like(h))
