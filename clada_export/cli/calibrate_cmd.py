@@ -5,7 +5,6 @@ uniform against greedy allocation with a table, JSON and a PNG plot)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -384,8 +383,7 @@ def _dynamic_eval(model, profile, ids, args, config) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    import os
-    import tempfile
+    from clada_export.atomic import write_json
 
     def clean(o):
         if isinstance(o, float) and not math.isfinite(o):
@@ -398,10 +396,7 @@ def _write_json(path: Path, obj) -> None:
             return clean(o.item())
         return o
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(clean(obj), f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, clean(obj))
 
 
 def _print_table(results: dict, dense_ppl: float) -> None:
