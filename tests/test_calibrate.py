@@ -198,6 +198,11 @@ def test_one_pass_dynamic_mode_is_the_stepwise_protocol(tiny):
     by_token = one_pass_dynamic_perplexity(model, windows, ByToken, prefix=8, batch_size=2, signals=signals,
                                            progress=False)
     np.testing.assert_array_equal(by_token.window_nll, one.window_nll)  # shared signals: same run
+    with torch.inference_mode():  # the statistics are those of the prefix prefilled alone
+        k, v = model.new_cache(3, 8)
+        alone = model(windows[:, :8], torch.arange(8)[None].expand(3, 8), k, v, torch.zeros(L, 3, 2),
+                      with_stats=True).act_stats.numpy()
+    np.testing.assert_allclose(signals.act_stats, alone, rtol=1e-5)
     dense = perplexity(model, windows, None, batch_size=2, first_target=8, measure_sparsity=False, progress=False)
     assert signals.nll() == pytest.approx(dense.nll, rel=1e-6)
     assert by_token.byte_sparsity < static.byte_sparsity - 0.02  # the per-token pattern is in effect

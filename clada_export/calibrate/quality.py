@@ -303,9 +303,10 @@ class DenseSignals:
 
 def dense_signals(model, windows: torch.Tensor, prefix: int = 32, batch_size: int = 8,
                   desc: str = "dense signals", progress: bool = True) -> DenseSignals:
-    """The dense passes the one-pass mode needs (see :class:`DenseSignals`): the prefix
-    prefilled alone, as the exact mode does, for its statistics; every window in full
-    for the signals."""
+    """The dense pass the one-pass mode needs (see :class:`DenseSignals`): every window in
+    full for the signals; the statistics are read over the prefix only (``last_index``),
+    which under the causal mask are those of the prefix prefilled alone, as the exact
+    mode does it."""
     L = model.cfg.num_layers
     dev = _device(model)
     N, T = windows.shape
@@ -320,9 +321,10 @@ def dense_signals(model, windows: torch.Tensor, prefix: int = 32, batch_size: in
             pos = torch.arange(T, device=dev)[None].expand(B, T)
             zeros = torch.zeros(L, B, 2, device=dev)
             k, v = model.new_cache(B, T)
-            stats.append(model(ids[:, :prefix], pos[:, :prefix], k, v, zeros, with_stats=True).act_stats.cpu())
-            k, v = model.new_cache(B, T)
-            logits = model(ids, pos, k, v, zeros, all_logits=True).logits[:, :-1]
+            last = torch.full((B,), prefix - 1, dtype=torch.long, device=dev)
+            out = model(ids, pos, k, v, zeros, last_index=last, with_stats=True, all_logits=True)
+            stats.append(out.act_stats.cpu())
+            logits = out.logits[:, :-1]
             e, lse = cognitive_signals(logits.reshape(-1, logits.shape[-1]))
             surprisal[s:s + B] = (lse.view(B, T - 1) - logits.gather(-1, ids[:, 1:, None])[..., 0]).cpu().numpy()
             entropy[s:s + B] = e.view(B, T - 1).cpu().numpy()
