@@ -184,20 +184,12 @@ class StaticThresholds:
         return self.thr
 
 
-@dataclass
-class StepwiseResult:
-    perplexity: float
-    nll: float
-    tokens: int
-    byte_sparsity: float  # realized over the decode steps
-    sparsity_per_layer: np.ndarray
+@dataclass(kw_only=True)
+class StepwiseResult(PerplexityResult):
+    """Sparsity is realized over the decode steps."""
+
     surprisal: np.ndarray = field(repr=False)  # [steps, N] of the true tokens (dense prefill's first)
     entropy: np.ndarray = field(repr=False)
-
-    def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens,
-                "byte_sparsity": self.byte_sparsity,
-                "sparsity_per_layer": np.round(self.sparsity_per_layer, 5).tolist()}
 
 
 def stepwise_perplexity(model, windows: torch.Tensor, make_source, prefix: int = 32, batch_size: int = 8,
@@ -263,24 +255,16 @@ def stepwise_perplexity(model, windows: torch.Tensor, make_source, prefix: int =
             all_e.append(np.stack(es))
     bar.close()
     mean = nll / max(n, 1)
-    return StepwiseResult(math.exp(mean), mean, n, meter.byte_sparsity(), meter.per_layer(),
-                          np.concatenate(all_u, axis=1), np.concatenate(all_e, axis=1))
+    return StepwiseResult(math.exp(mean), mean, n, meter.per_layer(), meter.byte_sparsity(),
+                          surprisal=np.concatenate(all_u, axis=1), entropy=np.concatenate(all_e, axis=1))
 
 
-@dataclass
-class OnePassResult:
-    perplexity: float
-    nll: float
-    tokens: int
-    byte_sparsity: float  # realized over the positions that stand for decode steps
-    sparsity_per_layer: np.ndarray
+@dataclass(kw_only=True)
+class OnePassResult(PerplexityResult):
+    """Sparsity is realized over the positions that stand for decode steps."""
+
     window_nll: np.ndarray = field(repr=False)  # [N] summed NLL per window (paired comparisons)
-    window_tokens: int = 0  # targets per window
-
-    def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens,
-                "byte_sparsity": self.byte_sparsity,
-                "sparsity_per_layer": np.round(self.sparsity_per_layer, 5).tolist()}
+    window_tokens: int  # targets per window
 
 
 @dataclass
@@ -378,7 +362,8 @@ def one_pass_dynamic_perplexity(model, windows: torch.Tensor, make_source, prefi
             window_nll[s:s + B] = tok_nll.double().sum(1).cpu().numpy()
     n = N * (T - prefix)
     mean = float(window_nll.sum()) / n
-    return OnePassResult(math.exp(mean), mean, n, meter.byte_sparsity(), meter.per_layer(), window_nll, T - prefix)
+    return OnePassResult(math.exp(mean), mean, n, meter.per_layer(), meter.byte_sparsity(), window_nll=window_nll,
+                         window_tokens=T - prefix)
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, per_window: int, samples: int = 2000, seed: int = 0
