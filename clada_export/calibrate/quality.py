@@ -118,6 +118,15 @@ def _device(model) -> torch.device:
     return model.embed_tokens.weight.device
 
 
+def _static_thresholds(model, thresholds: np.ndarray | None) -> torch.Tensor:
+    """Per-layer thresholds ``[L, 2]`` float32 (zeros, i.e. dense, for None)."""
+    L = model.cfg.num_layers
+    thr = torch.zeros(L, 2) if thresholds is None else torch.as_tensor(np.asarray(thresholds), dtype=torch.float32)
+    if thr.shape != (L, 2):
+        raise ValueError(f"thresholds must have shape [{L}, 2], got {list(thr.shape)}")
+    return thr
+
+
 def perplexity(model, windows: torch.Tensor, thresholds: np.ndarray | None = None, batch_size: int = 4,
                measure_sparsity: bool = True, desc: str = "perplexity", progress: bool = True,
                first_target: int = 1) -> PerplexityResult:
@@ -125,9 +134,7 @@ def perplexity(model, windows: torch.Tensor, thresholds: np.ndarray | None = Non
     (None: dense). Every position predicts the next token; targets are positions
     ``first_target..T-1`` of each window (default: all but the first token)."""
     L = model.cfg.num_layers
-    thr = torch.zeros(L, 2) if thresholds is None else torch.as_tensor(np.asarray(thresholds), dtype=torch.float32)
-    if thr.shape != (L, 2):
-        raise ValueError(f"thresholds must have shape [{L}, 2], got {list(thr.shape)}")
+    thr = _static_thresholds(model, thresholds)
     dev = _device(model)
     N, T = windows.shape
     nll, n = 0.0, 0
@@ -386,8 +393,7 @@ def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int, threshol
     L = model.cfg.num_layers
     dev = _device(model)
     K, P = prompts.shape
-    thr = torch.zeros(L, 2) if thresholds is None else torch.as_tensor(np.asarray(thresholds), dtype=torch.float32)
-    thr = thr[:, None, :].expand(L, K, 2).contiguous().to(dev)
+    thr = _static_thresholds(model, thresholds)[:, None, :].expand(L, K, 2).contiguous().to(dev)
     k, v = model.new_cache(K, P + new_tokens)
     out = model(prompts.to(dev), torch.arange(P, device=dev)[None].expand(K, P), k, v, thr)
     toks = []
