@@ -35,6 +35,21 @@ def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float) -> np.nda
     return (2.0 * np.asarray(s_in) + np.asarray(s_mid)) / 3.0
 
 
+def table_thresholds(levels: np.ndarray, t_in: np.ndarray, t_mid: np.ndarray, s_in: np.ndarray,
+                     s_mid: np.ndarray) -> np.ndarray:
+    """Threshold pairs ``[L, 2]`` that reach sparsities ``s_in``/``s_mid`` ``[L]``: linear
+    interpolation in each layer's table ``t_in``/``t_mid [L, S]`` over ``levels [S]``,
+    clipped to the table's ends."""
+    levels = np.asarray(levels, dtype=np.float64)
+    s_in = np.clip(np.asarray(s_in, dtype=np.float64), levels[0], levels[-1])
+    s_mid = np.clip(np.asarray(s_mid, dtype=np.float64), levels[0], levels[-1])
+    out = np.empty((len(t_in), 2), dtype=np.float64)
+    for l in range(len(t_in)):
+        out[l, 0] = np.interp(s_in[l], levels, t_in[l])
+        out[l, 1] = np.interp(s_mid[l], levels, t_mid[l])
+    return out
+
+
 def model_fingerprint(config: dict[str, Any]) -> str:
     """Hash of the architecture-defining config keys (not of paths or dtypes)."""
     keys = (
@@ -83,14 +98,8 @@ class SparsityProfile:
     # -- thresholds -------------------------------------------------------------
     def thresholds_at(self, s_in: np.ndarray, s_mid: np.ndarray) -> np.ndarray:
         """Per-layer threshold pairs ``[L, 2]`` reaching sparsities ``s_in``/``s_mid``
-        ``[L]`` on calibration text (linear interpolation in each layer's table)."""
-        s_in = np.clip(np.asarray(s_in, dtype=np.float64), self.levels[0], self.levels[-1])
-        s_mid = np.clip(np.asarray(s_mid, dtype=np.float64), self.levels[0], self.levels[-1])
-        out = np.empty((self.num_layers, 2), dtype=np.float64)
-        for l in range(self.num_layers):
-            out[l, 0] = np.interp(s_in[l], self.levels, self.t_in[l])
-            out[l, 1] = np.interp(s_mid[l], self.levels, self.t_mid[l])
-        return out
+        ``[L]`` on calibration text (see :func:`table_thresholds`)."""
+        return table_thresholds(self.levels, self.t_in, self.t_mid, s_in, s_mid)
 
     def static_thresholds(self) -> np.ndarray:
         """Thresholds ``[L, 2]`` of the allocation (what ``--static`` runs)."""

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clada_export.errors import UserError
-from clada_export.profile import byte_sparsity
+from clada_export.profile import byte_sparsity, table_thresholds
 
 PROBE_LEVEL = 0.5
 MAX_JUMP = 3  # grid steps a greedy move may take at once
@@ -319,12 +319,7 @@ class Calibration:
 
     def thresholds(self, s_in: np.ndarray, s_mid: np.ndarray) -> np.ndarray:
         """``[L, 2]`` thresholds reaching ``s_in``/``s_mid`` per layer on calibration text."""
-        L = self.t_in.shape[0]
-        out = np.empty((L, 2))
-        for l in range(L):
-            out[l, 0] = np.interp(s_in[l], self.levels, self.t_in[l])
-            out[l, 1] = np.interp(s_mid[l], self.levels, self.t_mid[l])
-        return out
+        return table_thresholds(self.levels, self.t_in, self.t_mid, s_in, s_mid)
 
     def allocate(self, target: float, method: str = "greedy") -> tuple[np.ndarray, np.ndarray, float]:
         """``s_in [L]``, ``s_mid [L]`` and the predicted KL for a target byte sparsity."""
