@@ -99,7 +99,7 @@ def rotate_mlp_inputs(model, q: torch.Tensor) -> None:
             layer.post_attention_layernorm = RotatedMLPInput(norm.eps, q, scale)
 
 
-def end_to_end(model_dir: Path, q: torch.Tensor, eval_tokens: int) -> None:
+def end_to_end(plain, model_dir: Path, q: torch.Tensor, eval_tokens: int) -> None:
     tok = load_tokenizer(model_dir)
     table_w, held_w, _ = calibration_windows(tok, None, 4096, 512)
     ids, eval_source = read_tokens(tok, None, "evaluation")
@@ -109,9 +109,11 @@ def end_to_end(model_dir: Path, q: torch.Tensor, eval_tokens: int) -> None:
     print(f"{'model':<18}{'dense':>8}" + "".join(f"{f'{t:.0%} target':>22}" for t in (0.4, 0.5)))
     dense_ppl = {}
     for name in ("plain", "global rotation"):
-        model, _ = load_decoder(model_dir)
-        model.eval()
-        if name != "plain":
+        if name == "plain":
+            model = plain
+        else:
+            model, _ = load_decoder(model_dir)
+            model.eval()
             rotate_mlp_inputs(model, q)
         dense = perplexity(model, windows, None, measure_sparsity=False, desc=f"{name}: dense")
         dense_ppl[name] = dense.perplexity
@@ -188,7 +190,7 @@ def main() -> None:
         print(f"{name:<20}{cells}   {cost}")
     print("(Nx: error of plain magnitude thresholding / this basis's error)")
     if args.end_to_end:
-        end_to_end(model_dir, q_global, args.eval_tokens)
+        end_to_end(model, model_dir, q_global, args.eval_tokens)
 
 
 if __name__ == "__main__":
