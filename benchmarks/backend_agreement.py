@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clada_export.cli.generate_cmd import load_tokenizer, make_backend  # noqa: E402
+from clada_export.cli.generate_cmd import load_tokenizer  # noqa: E402
+from clada_export.runtime.backends import open_backend  # noqa: E402
 from clada_export.export.onnx_export import read_manifest  # noqa: E402
 from clada_export.profile import SparsityProfile  # noqa: E402
 from clada_export.runtime.controller import ThresholdController  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> None:
         sys.exit(f"{export_dir} has no profile.json: export with --profile")
     profile = SparsityProfile.load(profile_path)
     tok = load_tokenizer(export_dir, manifest)
-    backends = {name: make_backend(name, export_dir, manifest, "cpu") for name in ("onnxruntime", "torch")}
+    backends = {name: open_backend(name, export_dir, manifest, device="cpu") for name in ("onnxruntime", "torch")}
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     n = args.new_tokens
 

@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from clada_export.errors import UserError
-
-BACKENDS = ("onnxruntime", "torch")
-
+from clada_export.runtime import BACKENDS
 
 def add_parsers(sub, _add_model_arg) -> None:
     p = sub.add_parser("generate", help="generate text from an export with dynamic CLADA thresholds")
@@ -43,28 +41,10 @@ def load_tokenizer(export_dir: Path, manifest: dict):
     return AutoTokenizer.from_pretrained(export_dir / manifest["tokenizer"], local_files_only=True)
 
 
-def make_backend(name: str, export_dir: Path, manifest: dict, device: str | None):
-    if name == "onnxruntime":
-        from clada_export.runtime.backends import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(export_dir)
-    import torch
-
-    from clada_export.model.loading import load_decoder
-    from clada_export.runtime.backends import TorchBackend
-
-    source = manifest.get("source")
-    if not source or not Path(source).is_dir():
-        raise UserError(f"the torch backend loads the checkpoint this export came from ({source}), which is "
-                        "not there any more; use --backend onnxruntime or re-export")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_decoder(Path(source), device=device)
-    return TorchBackend(model, device)
-
-
 def run_generate(args: argparse.Namespace) -> None:
     from clada_export.export.onnx_export import read_manifest
     from clada_export.profile import SparsityProfile
+    from clada_export.runtime.backends import open_backend
     from clada_export.runtime.controller import ThresholdController, load_controller_config
     from clada_export.runtime.generator import Generator
     from clada_export.runtime.sampling import SamplingConfig
@@ -106,7 +86,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     eos = tok.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    backend = make_backend(args.backend, export_dir, manifest, args.device)
+    backend = open_backend(args.backend, export_dir, manifest, device=args.device)
     gen = Generator(backend, eos_token_ids=eos_ids, controller_factory=factory, static_thresholds=static)
 
     stream = len(prompts) == 1

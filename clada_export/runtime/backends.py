@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from clada_export import contract as C
+from clada_export.runtime import BACKENDS
 from clada_export.export.graphs import DecodeGraph, PrefillGraph
 from clada_export.model.llama import Decoder
 
@@ -169,3 +170,30 @@ class OnnxRuntimeBackend(Backend):
             "position": position.cpu().numpy().astype(np.int64),
             "thresholds": thresholds.cpu().numpy().astype(np.float32),
         })
+
+
+def open_backend(name: str, export_dir: str | Path, manifest: dict, *, device: str | None = None,
+                 dtype: str | None = None) -> Backend:
+    """The backend ``name`` for the export in ``export_dir`` (its manifest already read).
+
+    ``device`` and ``dtype`` apply to backends that load the checkpoint (torch); ``None``
+    means the backend's default. Raises :class:`UserError` with what to do when the backend
+    cannot run here.
+    """
+    from clada_export.errors import UserError
+
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(export_dir)
+    from clada_export.model.loading import load_decoder
+
+    source = manifest.get("source")
+    if not source or not Path(source).is_dir():
+        raise UserError(f"the torch backend loads the checkpoint this export came from ({source}), which is "
+                        "not there any more; use --backend onnxruntime or re-export")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_decoder(Path(source), device=device)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    return TorchBackend(model, device)
