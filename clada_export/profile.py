@@ -35,19 +35,38 @@ def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float) -> np.nda
     return (2.0 * np.asarray(s_in) + np.asarray(s_mid)) / 3.0
 
 
+def interp_rows(x: np.ndarray, levels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Row-wise linear interpolation: ``out[l] = interp(x[l], levels, table[l])`` with
+    exactly the arithmetic of ``numpy.interp`` (and so of
+    ``SparsityProfile.thresholds_at``): below/at the first level -> first entry, at or
+    above the last -> last entry, exactly on a level -> that entry, else
+    ``slope * (x - levels[j]) + table[j]`` with ``slope = (table[j+1] - table[j]) /
+    (levels[j+1] - levels[j])`` and ``levels[j] <= x < levels[j+1]``.
+    Shapes: x [L], levels [S], table [L, S]."""
+    S = levels.shape[0]
+    rows = np.arange(table.shape[0])
+    j = np.clip(np.searchsorted(levels, x, side="right") - 1, 0, S - 2)
+    lj, lj1 = levels[j], levels[j + 1]
+    fj, fj1 = table[rows, j], table[rows, j + 1]
+    slope = (fj1 - fj) / (lj1 - lj)
+    out = slope * (x - lj) + fj
+    out = np.where(x == lj, fj, out)
+    out = np.where(x <= levels[0], table[:, 0], out)
+    out = np.where(x >= levels[-1], table[:, -1], out)
+    return out
+
+
 def table_thresholds(levels: np.ndarray, t_in: np.ndarray, t_mid: np.ndarray, s_in: np.ndarray,
                      s_mid: np.ndarray) -> np.ndarray:
     """Threshold pairs ``[L, 2]`` that reach sparsities ``s_in``/``s_mid`` ``[L]``: linear
     interpolation in each layer's table ``t_in``/``t_mid [L, S]`` over ``levels [S]``,
     clipped to the table's ends."""
     levels = np.asarray(levels, dtype=np.float64)
-    s_in = np.clip(np.asarray(s_in, dtype=np.float64), levels[0], levels[-1])
-    s_mid = np.clip(np.asarray(s_mid, dtype=np.float64), levels[0], levels[-1])
-    out = np.empty((len(t_in), 2), dtype=np.float64)
-    for l in range(len(t_in)):
-        out[l, 0] = np.interp(s_in[l], levels, t_in[l])
-        out[l, 1] = np.interp(s_mid[l], levels, t_mid[l])
-    return out
+    L = len(t_in)
+    s_in = np.broadcast_to(np.asarray(s_in, dtype=np.float64), (L,))
+    s_mid = np.broadcast_to(np.asarray(s_mid, dtype=np.float64), (L,))
+    return np.stack([interp_rows(s_in, levels, np.asarray(t_in, dtype=np.float64)),
+                     interp_rows(s_mid, levels, np.asarray(t_mid, dtype=np.float64))], axis=1)
 
 
 def model_fingerprint(config: dict[str, Any]) -> str:

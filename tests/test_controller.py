@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 from clada_export.errors import UserError
-from clada_export.profile import SparsityProfile
+from clada_export.profile import SparsityProfile, interp_rows
 from clada_export.runtime.controller import (
     ControllerConfig,
     ThresholdController,
-    _interp_rows,
     compare_traces,
     load_controller_config,
     read_trace,
@@ -73,17 +72,21 @@ def steps_of(ctl: ThresholdController, seq: int = 0) -> list[dict]:
 
 
 # -- building blocks ------------------------------------------------------------------
-def test_interp_is_exactly_profile_thresholds_at():
+def test_interp_rows_is_numpy_interp_per_layer():
+    """The one row-wise table interpolation (profile.interp_rows, used by the controller and
+    by SparsityProfile.thresholds_at) gives exactly numpy.interp's values, table ends and
+    exact levels included."""
     p = tiny_profile()
     rng = np.random.default_rng(0)
     for _ in range(500):
         x = rng.uniform(-0.2, 1.1, size=4)
         if rng.random() < 0.3:
             x = LEVELS[rng.integers(0, 20, size=4)]
-        xc = np.clip(x, LEVELS[0], LEVELS[-1])
-        ref = p.thresholds_at(x, x)
-        assert np.array_equal(_interp_rows(xc, p.levels, p.t_in), ref[:, 0])
-        assert np.array_equal(_interp_rows(xc, p.levels, p.t_mid), ref[:, 1])
+        for table in (p.t_in, p.t_mid):
+            ref = np.array([np.interp(x[l], p.levels, table[l]) for l in range(len(table))])
+            assert np.array_equal(interp_rows(x, p.levels, table), ref)
+        both = p.thresholds_at(x, x)
+        assert np.array_equal(both[:, 0], interp_rows(x, p.levels, p.t_in))
 
 
 def test_static_thresholds_and_target():

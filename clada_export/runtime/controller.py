@@ -38,7 +38,7 @@ from typing import IO, Any, Iterable, Sequence
 import numpy as np
 
 from clada_export.errors import UserError
-from clada_export.profile import SparsityProfile
+from clada_export.profile import SparsityProfile, interp_rows
 
 TRACE_FORMAT = "clada-controller-trace"
 TRACE_VERSION = 1
@@ -160,27 +160,6 @@ def load_controller_config(path: str | os.PathLike | None) -> ControllerConfig:
     except TypeError as e:
         raise UserError(f"{path}: controller config has a field of the wrong type ({e})") from None
     return cfg
-
-
-def _interp_rows(x: np.ndarray, levels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Row-wise linear interpolation: ``out[l] = interp(x[l], levels, table[l])`` with
-    exactly the arithmetic of ``numpy.interp`` (and so of
-    ``SparsityProfile.thresholds_at``): below/at the first level -> first entry, at or
-    above the last -> last entry, exactly on a level -> that entry, else
-    ``slope * (x - levels[j]) + table[j]`` with ``slope = (table[j+1] - table[j]) /
-    (levels[j+1] - levels[j])`` and ``levels[j] <= x < levels[j+1]``.
-    Shapes: x [L], levels [S], table [L, S]."""
-    S = levels.shape[0]
-    rows = np.arange(table.shape[0])
-    j = np.clip(np.searchsorted(levels, x, side="right") - 1, 0, S - 2)
-    lj, lj1 = levels[j], levels[j + 1]
-    fj, fj1 = table[rows, j], table[rows, j + 1]
-    slope = (fj1 - fj) / (lj1 - lj)
-    out = slope * (x - lj) + fj
-    out = np.where(x == lj, fj, out)
-    out = np.where(x <= levels[0], table[:, 0], out)
-    out = np.where(x >= levels[-1], table[:, -1], out)
-    return out
 
 
 def _rank(v: float, hist: Sequence[float]) -> float:
@@ -333,7 +312,7 @@ class ThresholdController:
         ``float32 [L, batch, 2]`` (``batch`` defaults to the controller's)."""
         B = self.batch if batch is None else int(batch)
         ci, cm, _ = self._levels_at(0.0)
-        thr = np.stack([_interp_rows(ci, self.levels, self.t_in), _interp_rows(cm, self.levels, self.t_mid)], axis=1)
+        thr = np.stack([interp_rows(ci, self.levels, self.t_in), interp_rows(cm, self.levels, self.t_mid)], axis=1)
         return np.repeat(thr[:, None, :], B, axis=1).astype(np.float32)
 
     @property
@@ -429,7 +408,7 @@ class ThresholdController:
         self._n_sparser = [0] * B
         self._step_index = 0
         ci, cm, _ = self._levels_at(0.0)
-        base = np.stack([_interp_rows(ci, self.levels, self.t_in), _interp_rows(cm, self.levels, self.t_mid)], axis=1)
+        base = np.stack([interp_rows(ci, self.levels, self.t_in), interp_rows(cm, self.levels, self.t_mid)], axis=1)
         self._last = (base[:, None, :] * scale).astype(np.float32)
         return {
             "event": "begin",
@@ -482,8 +461,8 @@ class ThresholdController:
         s_t = min(max(s_t, self.min_sparsity), self.max_sparsity)
         # 4. per-layer levels -> thresholds, times the prefix scale
         ci, cm, realized = self._levels_at(s_t - self.target)
-        thr_in = _interp_rows(ci, self.levels, self.t_in) * self._scale[:, b, 0]
-        thr_mid = _interp_rows(cm, self.levels, self.t_mid) * self._scale[:, b, 1]
+        thr_in = interp_rows(ci, self.levels, self.t_in) * self._scale[:, b, 0]
+        thr_mid = interp_rows(cm, self.levels, self.t_mid) * self._scale[:, b, 1]
         self._last[:, b, 0] = thr_in.astype(np.float32)
         self._last[:, b, 1] = thr_mid.astype(np.float32)
         self._debt[b] = self._debt[b] + (self.target - realized)
