@@ -1,11 +1,15 @@
-"""Threshold controller (issue 4, items 3 and 5): token level, sequence level, budget,
-trace replay, and the C++ header against the Python implementation.
+"""Threshold controller: token level, sequence level, budget, typed decisions, traces
+and replay, the C++ header against the Python implementation (decisions, defaults,
+table interpolation), and the docs' parameter table against the code.
 
 All on synthetic profiles and synthetic signal traces; no model is loaded."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,10 +21,13 @@ import pytest
 
 from clada_export.errors import UserError
 from clada_export.profile import SparsityProfile, interp_rows
+from clada_export.runtime import controller as controller_module
 from clada_export.runtime.controller import (
     ControllerConfig,
+    Decision,
     ThresholdController,
     compare_traces,
+    config_table,
     load_controller_config,
     read_trace,
     replay_trace,
@@ -28,7 +35,11 @@ from clada_export.runtime.controller import (
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "controller"
+GOLDEN = REPO / "tests" / "data" / "interp_golden.json"
 LEVELS = np.round(np.arange(20) * 0.05, 2)
+
+# most tests read the decisions back from the kept records
+Recorded = functools.partial(ThresholdController, keep_records=True)
 
 
 def tiny_profile(s_in=(0.5, 0.4, 0.6, 0.55), s_mid=(0.5, 0.6, 0.3, 0.45)) -> SparsityProfile:
@@ -89,9 +100,23 @@ def test_interp_rows_is_numpy_interp_per_layer():
         assert np.array_equal(both[:, 0], interp_rows(x, p.levels, p.t_in))
 
 
+def test_interp_golden_file():
+    """tests/data/interp_golden.json: the exact outputs that interp_rows (here) and
+    clada::Profile::interp (CTest interp_golden) must both give."""
+    doc = json.loads(GOLDEN.read_text())
+    n = 0
+    for g in doc["groups"]:
+        levels, table = np.array(g["levels"]), np.array(g["table"])
+        for x, want in zip(g["x"], g["expected"]):
+            got = interp_rows(np.array(x), levels, table)
+            assert got.tolist() == want, (g["name"], x)
+            n += len(x)
+    assert n == 147
+
+
 def test_static_thresholds_and_target():
     p = tiny_profile()
-    ctl = ThresholdController(p, batch=3)
+    ctl = Recorded(p, batch=3)
     st = ctl.static_thresholds()
     assert st.shape == (4, 3, 2) and st.dtype == np.float32
     assert np.array_equal(st, np.repeat(p.static_thresholds()[:, None, :], 3, axis=1).astype(np.float32))
@@ -104,7 +129,7 @@ def test_static_thresholds_and_target():
 
 def test_warmup_stays_at_target():
     cfg = ControllerConfig()
-    ctl = ThresholdController(tiny_profile(), cfg, batch=2)
+    ctl = Recorded(tiny_profile(), cfg, batch=2)
     run(ctl, cfg.min_history + 5, lognormal_gen(1, 2))
     recs = steps_of(ctl, 1)
     for r in recs[: cfg.min_history]:
@@ -125,7 +150,7 @@ def test_surprisal_spike_makes_next_step_denser():
             u[0] = 40.0  # only sequence 0 is surprised
         return u, e
 
-    ctl = ThresholdController(tiny_profile(), batch=B)
+    ctl = Recorded(tiny_profile(), batch=B)
     outs = run(ctl, 60, gen)
     r0, r1 = steps_of(ctl, 0), steps_of(ctl, 1)
     assert r0[spike]["load"] == 1.0
@@ -140,7 +165,7 @@ def test_surprisal_spike_makes_next_step_denser():
     corr = np.clip(prev_debt / ctl.config.payback_steps, -ctl.config.max_correction, ctl.config.max_correction)
     assert r0[spike]["target"] == pytest.approx(ctl.target - ctl.config.dense_offset + corr, abs=1e-12)
     # the other sequence is not affected by sequence 0's spike
-    solo = ThresholdController(tiny_profile(), batch=1)
+    solo = Recorded(tiny_profile(), batch=1)
     base2 = lognormal_gen(2, B)
     solo.begin(None)
     for t in range(60):
@@ -157,7 +182,7 @@ def test_entropy_spike_also_makes_denser():
         u, e = base(t, b)
         return (u, e * 0 + 20.0) if t == 30 else (u, e)
 
-    ctl = ThresholdController(tiny_profile(), batch=1)
+    ctl = Recorded(tiny_profile(), batch=1)
     run(ctl, 40, gen)
     assert steps_of(ctl)[30]["state"] == "denser"
 
@@ -175,7 +200,7 @@ def test_run_of_easy_tokens_makes_sparser():
             return np.array([40.0]), e
         return u, e
 
-    ctl = ThresholdController(tiny_profile(), cfg, batch=1)
+    ctl = Recorded(tiny_profile(), cfg, batch=1)
     outs = run(ctl, 60, gen)
     recs = steps_of(ctl)
     assert recs[start - 1]["state"] == "denser"
@@ -190,7 +215,7 @@ def test_run_of_easy_tokens_makes_sparser():
 
 def test_hysteresis():
     cfg = ControllerConfig(window=16, min_history=16, high=0.9, high_margin=0.3)
-    ctl = ThresholdController(tiny_profile(), cfg, batch=1)
+    ctl = Recorded(tiny_profile(), cfg, batch=1)
     ctl.begin(None)
     vals = list(np.linspace(1.0, 2.0, 16))
     for v in vals:  # warm-up with a known window
@@ -205,7 +230,7 @@ def test_hysteresis():
 
 
 def test_nan_and_inf_signals():
-    ctl = ThresholdController(tiny_profile(), ControllerConfig(min_history=4, window=4), batch=1)
+    ctl = Recorded(tiny_profile(), ControllerConfig(min_history=4, window=4), batch=1)
     ctl.begin(None)
     for v in (1.0, 2.0, 3.0, 4.0):
         ctl.step(np.array([v]), np.array([v]))
@@ -261,7 +286,7 @@ BUDGET_GENS = {
 @pytest.mark.parametrize("alloc", ["centered", "clipping"])
 def test_budget_holds_over_256_steps(name, alloc):
     p = tiny_profile() if alloc == "centered" else tiny_profile(s_in=(0.05, 0.95, 0.9, 0.5), s_mid=(0.0, 0.9, 0.95, 0.3))
-    ctl = ThresholdController(p, ControllerConfig(), batch=4)
+    ctl = Recorded(p, ControllerConfig(), batch=4)
     outs = run(ctl, 256, BUDGET_GENS[name])
     assert np.all(np.abs(ctl.mean_sparsity - ctl.target) <= 0.02), (ctl.mean_sparsity, ctl.target)
     assert np.all(ctl.steps == 256)
@@ -280,7 +305,7 @@ def test_budget_holds_over_256_steps(name, alloc):
 def test_budget_with_clipping_is_honest():
     # layer allocations at the table's ends: a denser shift clips, so realized != target
     p = tiny_profile(s_in=(0.0, 0.95, 0.9, 0.5), s_mid=(0.0, 0.9, 0.95, 0.3))
-    ctl = ThresholdController(p, ControllerConfig(), batch=1)
+    ctl = Recorded(p, ControllerConfig(), batch=1)
     run(ctl, 256, _rising)  # always denser
     recs = steps_of(ctl)
     assert any(abs(r["realized"] - r["target"]) > 1e-6 for r in recs)
@@ -290,7 +315,7 @@ def test_budget_with_clipping_is_honest():
 def test_aggressive_config_respects_bounds():
     cfg = ControllerConfig(dense_offset=0.5, sparse_offset=0.5, max_correction=0.5, min_sparsity=0.3,
                            max_sparsity=0.7, window=4, min_history=2, payback_steps=2)
-    ctl = ThresholdController(tiny_profile(), cfg, batch=3)
+    ctl = Recorded(tiny_profile(), cfg, batch=3)
     run(ctl, 256, _bursty(5))
     for r in ctl.step_records():
         assert 0.3 <= r["target"] <= 0.7
@@ -301,7 +326,7 @@ def test_config_validation():
     for bad in (dict(window=0), dict(min_history=20), dict(low=0.9, high=0.5), dict(dense_offset=-0.1),
                 dict(payback_steps=0), dict(scale_min=1.5), dict(min_sparsity=0.6)):
         with pytest.raises(UserError):
-            ThresholdController(p, ControllerConfig(**bad))
+            Recorded(p, ControllerConfig(**bad))
     with pytest.raises(UserError):
         ControllerConfig.from_dict({"windw": 3})
     assert ControllerConfig.from_dict(ControllerConfig().to_dict()) == ControllerConfig()
@@ -325,10 +350,83 @@ def test_controller_config_file(tmp_path):
         assert name in str(e.value)
 
 
+def test_config_types_name_the_field(tmp_path):
+    """Every field is type-checked on load: one line naming the file and the field."""
+    assert ControllerConfig.from_dict({"window": 8.0, "prefix_strength": 0}) == ControllerConfig(window=8, prefix_strength=0.0)
+    assert type(ControllerConfig.from_dict({"window": 8.0}).window) is int
+    cases = {"window": "abc", "high": "x", "target": [0.5], "trace_thresholds": 1, "easy_steps": 2.5,
+             "min_sparsity": True}
+    for name, value in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({name: value}))
+        with pytest.raises(UserError) as e:
+            load_controller_config(path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and f"controller config: {name} must be" in msg, msg
+    with pytest.raises(UserError, match="window must be an integer"):
+        ThresholdController(tiny_profile(), ControllerConfig(window="16"))  # type: ignore[arg-type]
+
+
+def test_docs_parameter_table_is_generated_from_the_config():
+    """docs/controller.md holds config_table() verbatim: defaults and meanings are written
+    once, on ControllerConfig's fields."""
+    doc = (REPO / "docs" / "controller.md").read_text()
+    table = config_table()
+    assert table in doc, ("docs/controller.md's parameter table differs from ControllerConfig; paste the output of "
+                          "python -c 'from clada_export.runtime.controller import config_table; print(config_table())'")
+    assert [f.name for f in dataclasses.fields(ControllerConfig)] == [
+        line.split("`")[1] for line in table.splitlines()[2:]]
+    assert "| `window` | 16 |" in table and "| `target` | None |" in table
+
+
+# -- typed decisions, records only when tracing -------------------------------------------------
+def test_decisions_are_typed_and_nothing_is_kept_without_a_trace():
+    p = tiny_profile()
+    gen_a, gen_b = lognormal_gen(40, 2), lognormal_gen(40, 2)
+    plain, kept = ThresholdController(p, batch=2), Recorded(p, batch=2)
+    plain.begin(None)
+    kept.begin(None)
+    for t in range(60):
+        active = [True, t % 7 != 3]
+        ua, ea = gen_a(t, 2)
+        ub, eb = gen_b(t, 2)
+        out_a = plain.step(ua, ea, tokens=[t, t + 1], active=active)
+        out_b = kept.step(ub, eb, tokens=[t, t + 1], active=active)
+        assert np.array_equal(out_a, out_b)
+        d = plain.last_decisions
+        assert len(d) == 2 and isinstance(d[0], Decision) and (d[1] is None) == (not active[1])
+        assert d[0].step == t and d[0].seq == 0 and d[0].token == t
+        assert [x.record() for x in d if x is not None] == kept.step_records()[-sum(active):]
+    assert plain.records == [] and len(kept.records) == 2 + len(kept.step_records())
+    with pytest.raises(RuntimeError, match="keep_records=True"):
+        plain.step_records()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plain.last_decisions[0].state = "denser"  # type: ignore[misc, union-attr]
+    assert not hasattr(plain, "write_trace") and not hasattr(plain, "debt")
+
+
+def test_trace_file_is_strict_json_with_nonfinite_signals(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with ThresholdController(tiny_profile(), ControllerConfig(min_history=2, window=2), trace=path) as ctl:
+        for u, e in ((1.0, 2.0), (3.0, 1.0), (math.inf, math.nan), (math.nan, -math.inf)):
+            ctl.step(np.array([u]), np.array([e]))
+        assert ctl.records == []  # written, not kept
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in a trace: not strict JSON")
+
+    raw = [json.loads(line, parse_constant=no_constants) for line in path.read_text().splitlines()]
+    assert raw[0]["version"] == 2 and raw[4]["surprisal"] == "Infinity" and raw[4]["entropy"] == "NaN"
+    recs = read_trace(path)
+    assert recs[4]["surprisal"] == math.inf and math.isnan(recs[4]["entropy"]) and recs[5]["entropy"] == -math.inf
+    assert [r["state"] for r in recs[2:]] == [d["state"] for d in raw[2:]]
+    assert compare_traces(recs, replay_trace(tiny_profile(), path)) == []
+
+
 # -- determinism, batching, active mask -------------------------------------------------------
 def test_determinism():
-    a = ThresholdController(tiny_profile(), ControllerConfig(trace_thresholds=True), batch=3)
-    b = ThresholdController(tiny_profile(), ControllerConfig(trace_thresholds=True), batch=3)
+    a = Recorded(tiny_profile(), ControllerConfig(trace_thresholds=True), batch=3)
+    b = Recorded(tiny_profile(), ControllerConfig(trace_thresholds=True), batch=3)
     oa = run(a, 200, lognormal_gen(20, 3))
     ob = run(b, 200, lognormal_gen(20, 3))
     assert all(np.array_equal(x, y) for x, y in zip(oa, ob))
@@ -339,7 +437,7 @@ def test_determinism():
 
 
 def test_active_mask():
-    ctl = ThresholdController(tiny_profile(), batch=2)
+    ctl = Recorded(tiny_profile(), batch=2)
     ctl.begin(None)
     gen = lognormal_gen(21, 2)
     last = None
@@ -357,7 +455,7 @@ def test_active_mask():
 # -- sequence level ---------------------------------------------------------------------------
 def test_prefix_scale_moves_thresholds_the_right_way():
     p = tiny_profile()
-    ctl = ThresholdController(p, batch=4)
+    ctl = Recorded(p, batch=4)
     st = ctl.static_thresholds()
     factors = np.array([1.0, 1.5, 0.7, 10.0])
     act = p.calib_mean_abs[:, None, :] * factors[None, :, None]
@@ -374,7 +472,7 @@ def test_prefix_scale_moves_thresholds_the_right_way():
     recs = [steps_of(ctl, b)[-1] for b in range(4)]
     assert recs[1]["t_in_mean"] > recs[0]["t_in_mean"] * 1.2 or recs[1]["target"] < recs[0]["target"] - 0.05
     # prefix_strength 0 disables the shift
-    off = ThresholdController(p, ControllerConfig(prefix_strength=0.0), batch=4)
+    off = Recorded(p, ControllerConfig(prefix_strength=0.0), batch=4)
     assert np.array_equal(off.begin(act), st)
 
 
@@ -383,7 +481,7 @@ def test_prefix_scale_restores_target_sparsity_on_a_louder_prompt():
     under-sparsify a louder prompt; the prefix-scaled ones hit the target again."""
     p = tiny_profile()
     rng = np.random.default_rng(23)
-    ctl = ThresholdController(p, batch=2)
+    ctl = Recorded(p, batch=2)
     prompt_scale = np.array([1.6, 0.6])
     samples = [[np.abs(rng.laplace(0.0, p.calib_mean_abs[l, k] * prompt_scale[b], size=200_000))
                 for b in range(2)] for l in range(4) for k in range(2)]
@@ -408,7 +506,7 @@ def test_prefix_scale_restores_target_sparsity_on_a_louder_prompt():
 def test_trace_file_and_replay(tmp_path):
     path = tmp_path / "t.jsonl"
     p = tiny_profile()
-    with ThresholdController(p, ControllerConfig(trace_thresholds=True), batch=2, trace=path) as ctl:
+    with Recorded(p, ControllerConfig(trace_thresholds=True), batch=2, trace=path) as ctl:
         gen = lognormal_gen(24, 2)
         ctl.begin(p.calib_mean_abs[:, None, :] * np.array([1.2, 0.8])[None, :, None])
         for t in range(64):
@@ -457,13 +555,30 @@ def cpp_build(tmp_path_factory):
 def test_cpp_ctest_passes(cpp_build):
     res = subprocess.run(["ctest", "--output-on-failure"], cwd=cpp_build, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "controller_unit" in res.stdout and "replay_trace_" in res.stdout
+    for name in ("controller_unit", "trace_unit", "interp_golden", "replay_trace_random_batch"):
+        assert name in res.stdout
+
+
+def test_cpp_defaults_equal_python(cpp_build):
+    """The C++ ControllerConfig's fields, order, defaults and types, the default bounds and
+    the trace format equal Python's: this fails as soon as one side changes alone."""
+    res = subprocess.run([str(cpp_build / "test_trace"), "--print-defaults"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    cpp = json.loads(res.stdout)
+    py = ControllerConfig().to_dict()
+    assert list(cpp["config"]) == list(py)
+    for name, value in py.items():
+        assert cpp["config"][name] == value and type(cpp["config"][name]) is type(value), name
+    assert cpp["default_below"] == controller_module.DEFAULT_BELOW
+    assert cpp["default_above"] == controller_module.DEFAULT_ABOVE
+    assert cpp["trace_format"] == controller_module.TRACE_FORMAT
+    assert cpp["trace_version"] == controller_module.TRACE_VERSION
 
 
 def _fresh_trace(path: Path, p: SparsityProfile, cfg: ControllerConfig, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     B = 3
-    with ThresholdController(p, cfg, batch=B, trace=path) as ctl:
+    with Recorded(p, cfg, batch=B, trace=path) as ctl:
         ctl.begin(p.calib_mean_abs[:, None, :] * rng.uniform(0.3, 2.5, size=(p.num_layers, B, 2)))
         gen = _bursty(seed)
         for t in range(256):

@@ -1,5 +1,5 @@
 """CLADA's threshold controller: the sequence level (prefix, "N400") and the token
-level (local, "P600") of the threshold hierarchy (DESIGN.md, docs/controller.md).
+level (local, "P600") of the threshold hierarchy (docs/design.md, docs/controller.md).
 
 The controller turns per-step signals into per-layer, per-sequence thresholds, the
 engine input ``thresholds float32 [L, B, 2]`` (``[..., 0]`` for the MLP input |x|,
@@ -10,7 +10,8 @@ engine input ``thresholds float32 [L, B, 2]`` (``[..., 0]`` for the MLP input |x
   per-sequence scale ``prompt_mean_abs / calib_mean_abs`` (clamped) that multiplies
   every threshold of that generation.
 * :meth:`ThresholdController.step` takes the surprisal and entropy (nats) of the
-  step just decoded and returns the thresholds for the next decode step: a percentile
+  step just decoded and returns the thresholds for the next decode step (the typed
+  :class:`Decision` behind them is in :attr:`ThresholdController.last_decisions`): a percentile
   rank of the signals within a recent window gives a load in [0, 1]; a small state
   machine with hysteresis (normal / denser / sparser) turns it into an offset of the
   target byte sparsity; a budget repays the difference between the target and the
@@ -23,7 +24,12 @@ Determinism: all arithmetic is float64, element-wise numpy operations (exactly
 rounded, like scalar C++) and sums in layer order written as explicit loops, so that
 the C++ header ``runtime/include/clada/controller.hpp`` reproduces every decision bit
 for bit. Changing any formula here means changing it there too; the replay tests
-(``tests/test_controller.py``) hold the two together.
+(``tests/test_controller.py``) hold the two together, and a test compares the C++
+defaults with :class:`ControllerConfig`'s field by field.
+
+Traces (JSON lines, strict JSON: NaN and infinities as the strings ``"NaN"``,
+``"Infinity"``, ``"-Infinity"``) are written only when asked for (``trace=``), and
+records are kept in memory only with ``keep_records=True``.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -41,7 +47,7 @@ from clada_export.errors import UserError
 from clada_export.profile import SparsityProfile, interp_rows
 
 TRACE_FORMAT = "clada-controller-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2  # 2: NaN and infinities as strings, so that traces are strict JSON
 
 NORMAL, DENSER, SPARSER = 0, 1, 2
 STATE_NAMES = ("normal", "denser", "sparser")
@@ -51,71 +57,56 @@ DEFAULT_BELOW = 0.20
 DEFAULT_ABOVE = 0.15
 
 
+def _param(default: Any, doc: str) -> Any:
+    """A ControllerConfig field: its default and its meaning, the one place both are
+    written (``config_table`` renders them for docs/controller.md)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class ControllerConfig:
-    """Parameters of the token level and the sequence level. Sparsities are byte
-    sparsities (fractions of MLP weight bytes skipped); loads are percentile ranks in
-    [0, 1]; counts are decode steps.
+    """Parameters of the token level, the budget and the sequence level. Sparsities are
+    byte sparsities (fractions of MLP weight bytes skipped); loads are percentile ranks
+    in [0, 1]; counts are decode steps. Each field's meaning is in its ``doc`` metadata
+    (``config_table()``, the table in docs/controller.md); the C++ struct
+    ``clada::ControllerConfig`` has the same fields and defaults (checked by a test)."""
 
-    Token level
-      window        (16)   recent steps kept per sequence for the percentile ranks.
-      min_history   (16)   warm-up: until this many earlier values are in the window
-                           the load is undefined and the state stays ``normal``.
-      high          (0.95) enter ``denser`` when load >= high.
-      high_margin   (0.1)  stay ``denser`` while load >= high - high_margin.
-      low           (0.4)  a step with load <= low is "easy".
-      easy_steps    (2)    enter ``sparser`` after this many consecutive easy steps.
-      low_margin    (0.2)  stay ``sparser`` while load <= low + low_margin.
-      dense_offset  (0.10) ``denser`` targets target - dense_offset.
-      sparse_offset (0.05) ``sparser`` targets target + sparse_offset.
-      min_sparsity  (None) lower bound of a step's target; None = max(levels[0], target - 0.20).
-      max_sparsity  (None) upper bound; None = min(levels[-1], target + 0.15).
-    Budget
-      payback_steps (16)   each step adds debt / payback_steps to its target ...
-      max_correction(0.15) ... clipped to +-max_correction. debt = sum(target - realized).
-      target        (None) the generation's mean byte sparsity; None = the profile's
-                           allocation (mean over layers of byte_sparsity(s_in, s_mid),
-                           i.e. exactly what static thresholds realize).
-    Sequence level
-      scale_min, scale_max (0.5, 2.0) clamp of the per-layer prompt scale.
-      prefix_strength (1.0) scale = 1 + prefix_strength * (prompt_mean / calib_mean - 1);
-                           0 disables the prefix shift.
-    Trace
-      trace_thresholds (False) also write every step's full thresholds [L, 2] per
-                           sequence into the trace (large; used by the replay tests).
-    """
-
-    window: int = 16
-    min_history: int = 16
-    high: float = 0.95
-    high_margin: float = 0.1
-    low: float = 0.4
-    easy_steps: int = 2
-    low_margin: float = 0.2
-    dense_offset: float = 0.10
-    sparse_offset: float = 0.05
-    min_sparsity: float | None = None
-    max_sparsity: float | None = None
-    payback_steps: int = 16
-    max_correction: float = 0.15
-    target: float | None = None
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    prefix_strength: float = 1.0
-    trace_thresholds: bool = False
+    window: int = _param(16, "earlier steps kept per sequence for the ranks")
+    min_history: int = _param(16, "warm-up: values needed before the load is defined (<= window)")
+    high: float = _param(0.95, "enter `denser` when load >= high")
+    high_margin: float = _param(0.1, "stay `denser` while load >= high - high_margin")
+    low: float = _param(0.4, "a step with load <= low is easy")
+    easy_steps: int = _param(2, "consecutive easy steps that enter `sparser`")
+    low_margin: float = _param(0.2, "stay `sparser` while load <= low + low_margin")
+    dense_offset: float = _param(0.10, "`denser` targets target - dense_offset (byte sparsity)")
+    sparse_offset: float = _param(0.05, "`sparser` targets target + sparse_offset")
+    min_sparsity: float | None = _param(None, f"lower bound of a step's target; None = max(levels[0], target - {DEFAULT_BELOW})")
+    max_sparsity: float | None = _param(None, f"upper bound; None = min(levels[-1], target + {DEFAULT_ABOVE})")
+    payback_steps: int = _param(16, "the budget adds debt / payback_steps to each step's target ...")
+    max_correction: float = _param(0.15, "... clipped to +-max_correction; debt = sum of (target - realized)")
+    target: float | None = _param(None, "the generation's mean byte sparsity; None = the allocation's "
+                                        "(exactly what static thresholds realize)")
+    scale_min: float = _param(0.5, "lower clamp of the prefix scale")
+    scale_max: float = _param(2.0, "upper clamp of the prefix scale")
+    prefix_strength: float = _param(1.0, "scale = 1 + prefix_strength * (prompt_mean / calib_mean - 1); "
+                                         "0 disables the sequence level")
+    trace_thresholds: bool = _param(False, "also write every step's full `[L, 2]` thresholds into the trace "
+                                           "(large; the replay tests use it)")
 
     def validate(self) -> None:
         """Raise UserError naming the first bad field."""
         def bad(msg: str) -> None:
             raise UserError(f"controller config: {msg}")
 
-        if int(self.window) != self.window or self.window < 1:
+        for f in fields(self):
+            _check_type(f.name, _FIELD_KINDS[f.name], getattr(self, f.name))
+        if self.window < 1:
             bad(f"window must be a positive integer, got {self.window}")
-        if int(self.min_history) != self.min_history or not 1 <= self.min_history <= self.window:
+        if not 1 <= self.min_history <= self.window:
             bad(f"min_history must be an integer in [1, window={self.window}], got {self.min_history}")
-        if int(self.easy_steps) != self.easy_steps or self.easy_steps < 1:
+        if self.easy_steps < 1:
             bad(f"easy_steps must be a positive integer, got {self.easy_steps}")
-        if int(self.payback_steps) != self.payback_steps or self.payback_steps < 1:
+        if self.payback_steps < 1:
             bad(f"payback_steps must be a positive integer, got {self.payback_steps}")
         if not 0.0 <= self.low < self.high <= 1.0:
             bad(f"need 0 <= low < high <= 1, got low={self.low}, high={self.high}")
@@ -131,11 +122,43 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ControllerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Fields not named keep their defaults; unknown keys and values of the wrong type
+        raise UserError naming the field. Integral numbers are accepted for integer fields
+        (16.0 -> 16), integers for float fields."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise UserError(f"controller config has unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+            raise UserError(f"controller config has unknown keys {unknown}; known keys: {known}")
+        return cls(**{k: _check_type(k, _FIELD_KINDS[k], v) for k, v in d.items()})
+
+
+Kind = Literal["int", "float", "float | None", "bool"]
+_FIELD_KINDS: dict[str, Kind] = {f.name: f.type for f in fields(ControllerConfig)}  # type: ignore[misc]
+
+
+def _check_type(name: str, kind: Kind, v: Any) -> Any:
+    """``v`` as field ``name`` holds it (int, float, None or bool), or UserError."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "bool" and isinstance(v, bool):
+        return v
+    if kind == "int" and number and float(v).is_integer():
+        return int(v)
+    if kind == "float | None" and v is None:
+        return None
+    if kind in ("float", "float | None") and number:
+        return float(v)
+    want = {"int": "an integer", "float": "a number", "float | None": "a number or null",
+            "bool": "true or false"}[kind]
+    raise UserError(f"controller config: {name} must be {want}, got {v!r}")
+
+
+def config_table() -> str:
+    """The parameter table of docs/controller.md, from the fields' defaults and docs
+    (``python -c "from clada_export.runtime.controller import config_table; print(config_table())"``)."""
+    rows = ["| name | default | meaning |", "|---|---|---|"]
+    for f in fields(ControllerConfig):
+        rows.append(f"| `{f.name}` | {f.default!r} | {f.metadata['doc']} |")
+    return "\n".join(rows)
 
 
 def load_controller_config(path: str | os.PathLike | None) -> ControllerConfig:
@@ -157,8 +180,6 @@ def load_controller_config(path: str | os.PathLike | None) -> ControllerConfig:
         cfg.validate()
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    except TypeError as e:
-        raise UserError(f"{path}: controller config has a field of the wrong type ({e})") from None
     return cfg
 
 
@@ -185,6 +206,30 @@ def _seq_mean(values: Iterable[float], n: int) -> float:
     return acc / n
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision of the token level: the thresholds chosen at step ``step`` for
+    sequence ``seq`` (used by the decode step after it). The C++ counterpart is
+    ``clada::StepRecord``; a trace's step record is :meth:`record`."""
+
+    step: int
+    seq: int
+    token: int | None         # the picked id, when the caller passed tokens
+    surprisal: float          # nats, of the token just picked
+    entropy: float            # nats, of the distribution it was picked from
+    load: float | None        # percentile-rank load in [0, 1]; None during warm-up
+    state: str                # "normal", "denser" or "sparser"
+    target: float             # the step's target byte sparsity s_t
+    realized: float           # byte sparsity of the clipped per-layer levels
+    debt: float               # the budget's debt after this step
+    t_in_mean: float          # mean over layers of the float64 thresholds
+    t_mid_mean: float
+
+    def record(self) -> dict[str, Any]:
+        """The trace's ``step`` record (docs/controller.md, "Traces")."""
+        return {"event": "step", **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
 class ThresholdController:
     """Per-sequence threshold control for a batch of ``batch`` generations.
 
@@ -200,6 +245,8 @@ class ThresholdController:
     Every array returned by :meth:`step` is assumed to be used for exactly one decode
     step: its realized sparsity enters the budget. :meth:`begin` resets all per-sequence
     state (a controller can be reused across generations of the same batch size).
+    :attr:`last_decisions` holds the typed decisions of the latest step; nothing else
+    is kept per step unless a trace is asked for.
     """
 
     def __init__(
@@ -208,10 +255,12 @@ class ThresholdController:
         config: ControllerConfig | None = None,
         batch: int = 1,
         trace: str | os.PathLike | IO[str] | None = None,
+        keep_records: bool = False,
     ) -> None:
         """``trace``: a path (opened line-buffered, closed by :meth:`close` or the
-        context manager) or an open text file; every record (see :attr:`records`) is
-        also written there as one JSON line as soon as it is made."""
+        context manager) or an open text file; every trace record is written there as
+        one JSON line as soon as it is made. ``keep_records``: also keep them in
+        :attr:`records` (tests, replay). Without either, no record is built."""
         self.profile = profile
         self.config = config if config is not None else ControllerConfig()
         self.config.validate()
@@ -248,8 +297,10 @@ class ThresholdController:
         self._low_exit = c.low + c.low_margin
 
         self.records: list[dict[str, Any]] = []
-        """Trace records, oldest first: one ``config`` record, then per generation one
-        ``begin`` record and one ``step`` record per (step, active sequence)."""
+        """Trace records, oldest first, with ``keep_records=True`` (else empty): one
+        ``config`` record, then per generation one ``begin`` record and one ``step``
+        record per (step, active sequence)."""
+        self._keep_records = bool(keep_records)
         self._trace_file: IO[str] | None = None
         self._own_trace = False
         if trace is not None:
@@ -258,7 +309,9 @@ class ThresholdController:
             else:
                 self._trace_file = open(trace, "w", buffering=1)  # line-buffered: complete lines on disk
                 self._own_trace = True
-        self._emit(self._config_record())
+        self._tracing = self._keep_records or self._trace_file is not None
+        if self._tracing:
+            self._emit(self._config_record())
         self._begun = False
         self._reset(None)
 
@@ -269,7 +322,9 @@ class ThresholdController:
         the profile's ``calib_mean_abs``), or None for no prefix shift. Returns the
         thresholds ``float32 [L, B, 2]`` at the target sparsity with the prefix scale
         applied (not counted in the budget)."""
-        self._emit(self._reset(act_stats))
+        self._reset(act_stats)
+        if self._tracing:
+            self._emit(self._begin_record(act_stats))
         self._begun = True
         return self._last.copy()
 
@@ -301,9 +356,10 @@ class ThresholdController:
         if len(act) != B:
             raise ValueError(f"active must have shape [{B}], got {len(act)}")
         t = self._step_index
-        for b in range(B):
-            if act[b]:
-                self._step_one(b, float(u[b]), float(e[b]), None if tok is None else tok[b], t)
+        self.last_decisions = [
+            self._step_one(b, float(u[b]), float(e[b]), None if tok is None else tok[b], t) if act[b] else None
+            for b in range(B)
+        ]
         self._step_index += 1
         return self._last.copy()
 
@@ -344,23 +400,15 @@ class ThresholdController:
         return [STATE_NAMES[s] for s in self._state]
 
     @property
-    def debt(self) -> np.ndarray:
-        """Budget debt per sequence, float64 [B]: sum over steps of (target - realized)."""
-        return np.asarray(self._debt, dtype=np.float64)
-
-    @property
     def scale(self) -> np.ndarray:
         """The sequence-level scale of this generation, float64 [L, B, 2]."""
         return self._scale.copy()
 
     def step_records(self) -> list[dict[str, Any]]:
+        """The kept ``step`` records (needs ``keep_records=True``)."""
+        if not self._keep_records:
+            raise RuntimeError("this controller keeps no records; construct it with keep_records=True")
         return [r for r in self.records if r["event"] == "step"]
-
-    def write_trace(self, path: str | os.PathLike) -> None:
-        """Write all records so far as JSON lines."""
-        with open(path, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
 
     def close(self) -> None:
         if self._trace_file is not None:
@@ -384,8 +432,8 @@ class ThresholdController:
         per_layer = (2.0 * ci + cm) / 3.0
         return ci, cm, _seq_mean(per_layer.tolist(), self.L)
 
-    def _reset(self, act_stats: np.ndarray | None) -> dict[str, Any]:
-        """Clear all per-sequence state, fix the prefix scale; return the begin record."""
+    def _reset(self, act_stats: np.ndarray | None) -> None:
+        """Clear all per-sequence state, fix the prefix scale."""
         L, B = self.L, self.batch
         scale = np.ones((L, B, 2), dtype=np.float64)
         if act_stats is not None:
@@ -407,14 +455,20 @@ class ThresholdController:
         self._n_denser = [0] * B
         self._n_sparser = [0] * B
         self._step_index = 0
+        self.last_decisions: list[Decision | None] = [None] * B
+        """The decisions of the latest :meth:`step`, one per sequence (None where the
+        sequence was not active, and before the first step)."""
         ci, cm, _ = self._levels_at(0.0)
         base = np.stack([interp_rows(ci, self.levels, self.t_in), interp_rows(cm, self.levels, self.t_mid)], axis=1)
         self._last = (base[:, None, :] * scale).astype(np.float32)
+
+    def _begin_record(self, act_stats: np.ndarray | None) -> dict[str, Any]:
+        L, B = self.L, self.batch
         return {
             "event": "begin",
             "act_stats": None if act_stats is None else np.asarray(act_stats, dtype=np.float64).tolist(),
-            "scale_in_mean": [_seq_mean(scale[:, b, 0].tolist(), L) for b in range(B)],
-            "scale_mid_mean": [_seq_mean(scale[:, b, 1].tolist(), L) for b in range(B)],
+            "scale_in_mean": [_seq_mean(self._scale[:, b, 0].tolist(), L) for b in range(B)],
+            "scale_mid_mean": [_seq_mean(self._scale[:, b, 1].tolist(), L) for b in range(B)],
         }
 
     def _scale_of(self, prompt_mean: float, calib_mean: float) -> float:
@@ -425,7 +479,7 @@ class ThresholdController:
         s = 1.0 + c.prefix_strength * (ratio - 1.0)
         return min(max(s, c.scale_min), c.scale_max)
 
-    def _step_one(self, b: int, u: float, e: float, token: int | None, t: int) -> None:
+    def _step_one(self, b: int, u: float, e: float, token: int | None, t: int) -> Decision:
         c = self.config
         hu, he = self._hist_u[b], self._hist_e[b]
         # 1. load: percentile rank of this step's signals among the earlier ones
@@ -470,24 +524,15 @@ class ThresholdController:
         self._n_steps[b] += 1
         self._n_denser[b] += st == DENSER
         self._n_sparser[b] += st == SPARSER
-        rec: dict[str, Any] = {
-            "event": "step",
-            "step": t,
-            "seq": b,
-            "token": token,
-            "surprisal": u,
-            "entropy": e,
-            "load": load,
-            "state": STATE_NAMES[st],
-            "target": s_t,
-            "realized": realized,
-            "debt": self._debt[b],
-            "t_in_mean": _seq_mean(thr_in.tolist(), self.L),
-            "t_mid_mean": _seq_mean(thr_mid.tolist(), self.L),
-        }
-        if c.trace_thresholds:
-            rec["thresholds"] = self._last[:, b, :].astype(np.float64).tolist()
-        self._emit(rec)
+        d = Decision(step=t, seq=b, token=token, surprisal=u, entropy=e, load=load, state=STATE_NAMES[st],
+                     target=s_t, realized=realized, debt=self._debt[b],
+                     t_in_mean=_seq_mean(thr_in.tolist(), self.L), t_mid_mean=_seq_mean(thr_mid.tolist(), self.L))
+        if self._tracing:
+            rec = d.record()
+            if c.trace_thresholds:
+                rec["thresholds"] = self._last[:, b, :].astype(np.float64).tolist()
+            self._emit(rec)
+        return d
 
     def _config_record(self) -> dict[str, Any]:
         return {
@@ -505,16 +550,44 @@ class ThresholdController:
         }
 
     def _emit(self, rec: dict[str, Any]) -> None:
-        self.records.append(rec)
+        if self._keep_records:
+            self.records.append(rec)
         if self._trace_file is not None:
-            self._trace_file.write(json.dumps(rec) + "\n")
+            self._trace_file.write(json.dumps(_strict(rec), allow_nan=False) + "\n")
+
+
+# -- trace files: strict JSON ----------------------------------------------------------
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_STRING_KEYS = {"event", "format", "profile_fingerprint", "state"}  # string fields, never numbers
+
+
+def _strict(v: Any) -> Any:
+    """``v`` with NaN and infinities as the strings "NaN", "Infinity", "-Infinity"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_strict(x) for x in v]
+    return v
+
+
+def _numbers(v: Any, key: str | None = None) -> Any:
+    """The inverse of :func:`_strict` on a parsed record."""
+    if isinstance(v, str):
+        return v if key in _STRING_KEYS else _NONFINITE.get(v, v)
+    if isinstance(v, dict):
+        return {k: _numbers(x, k) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_numbers(x, key) for x in v]
+    return v
 
 
 # -- trace replay ------------------------------------------------------------------------
 def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a JSONL trace."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [_numbers(json.loads(line)) for line in f if line.strip()]
 
 
 def replay_trace(
@@ -529,11 +602,11 @@ def replay_trace(
         raise UserError(f"{trace if not isinstance(trace, list) else 'trace'} is not a controller trace")
     head = recs[0]
     if head.get("version") != TRACE_VERSION:
-        raise UserError(f"controller trace version {head.get('version')}, this reads {TRACE_VERSION}")
+        raise UserError(f"controller trace version {head.get('version')}, this reads {TRACE_VERSION}; record it again")
     if head["num_layers"] != profile.num_layers or head["num_levels"] != len(profile.levels):
         raise UserError("controller trace was recorded with another profile (layer or level count differs)")
     B = int(head["batch"])
-    ctl = ThresholdController(profile, ControllerConfig.from_dict(head["config"]), batch=B)
+    ctl = ThresholdController(profile, ControllerConfig.from_dict(head["config"]), batch=B, keep_records=True)
     i = 1
     while i < len(recs):
         r = recs[i]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from clada_export.runtime.backends import Backend
+from clada_export.runtime.controller import ThresholdController
 from clada_export.runtime.sampling import Sampler, SamplingConfig
 
 
@@ -23,7 +24,9 @@ class GenerationResult:
     """``tokens[b]``: generated ids of sequence b (EOS included if reached);
     ``surprisal``/``entropy`` ``[steps, B]`` of each generated token's distribution;
     ``sparsity [steps, B]``: the mean MLP byte sparsity the controller chose for the step
-    that consumed that token (NaN where no controller); ``denser [steps, B]``."""
+    that consumed that token (NaN where no controller, and for the last token, which no
+    step consumes); ``denser [steps, B]``: whether that choice was made in the ``denser``
+    state. The controller's full decisions go to its trace, when it was given one."""
 
     prompt_tokens: list[list[int]]
     tokens: list[list[int]]
@@ -33,7 +36,6 @@ class GenerationResult:
     denser: np.ndarray
     prefill_seconds: float
     decode_seconds: float
-    trace: list[dict] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> int:
@@ -48,11 +50,13 @@ class GenerationResult:
 class Generator:
     """One decode loop over any :class:`Backend`.
 
-    ``controller``: a :class:`clada_export.runtime.controller.ThresholdController` (dynamic
-    CLADA thresholds), or ``None`` with ``static_thresholds [L, 2]`` (or zeros: dense).
+    ``controller_factory(batch)``: a fresh :class:`ThresholdController` for each
+    :meth:`generate` call (dynamic CLADA thresholds), or ``None`` for fixed thresholds:
+    ``static_thresholds [L, 2]`` (``None``: zeros, i.e. dense).
     """
 
-    def __init__(self, backend: Backend, eos_token_ids: Sequence[int] = (), controller_factory=None,
+    def __init__(self, backend: Backend, eos_token_ids: Sequence[int] = (),
+                 controller_factory: Callable[[int], ThresholdController] | None = None,
                  static_thresholds: np.ndarray | None = None):
         self.backend = backend
         self.eos = set(int(t) for t in eos_token_ids)
@@ -125,13 +129,10 @@ class Generator:
                 rec_d.append(np.zeros(B, bool))
                 break
             if controller is not None:
-                n_before = len(controller.records)
                 thresholds = controller.step(surprisal, entropy, tokens=tok, active=~finished)
-                sp, dn = np.full(B, np.nan), np.zeros(B, bool)
-                for r in controller.records[n_before:]:
-                    sp[r["seq"]], dn[r["seq"]] = r["realized"], r["state"] == "denser"
-                rec_sp.append(sp)
-                rec_d.append(dn)
+                decisions = controller.last_decisions  # None for finished sequences
+                rec_sp.append(np.array([np.nan if d is None else d.realized for d in decisions]))
+                rec_d.append(np.array([d is not None and d.state == "denser" for d in decisions]))
             else:
                 rec_sp.append(np.full(B, np.nan))
                 rec_d.append(np.zeros(B, bool))
@@ -147,5 +148,4 @@ class Generator:
             denser=np.array(rec_d),
             prefill_seconds=t_prefill,
             decode_seconds=t_decode,
-            trace=[] if controller is None else list(controller.records),
         )
