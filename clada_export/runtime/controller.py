@@ -339,8 +339,9 @@ class ThresholdController:
 
         ``surprisal [B]``: -log p (nats) of the token just picked; ``entropy [B]``:
         entropy (nats) of the distribution it was picked from; ``tokens [B]``: the
-        picked ids (trace only); ``active [B]`` bool: sequences still generating
-        (inactive ones keep their state and previous thresholds and write no record).
+        picked ids (kept in the decision and the trace); ``active [B]`` bool: sequences
+        still generating (inactive ones keep their state and previous thresholds, make
+        no decision and write no record).
         Returns ``float32 [L, B, 2]``."""
         if not self._begun:
             self.begin(None)
