@@ -1,11 +1,14 @@
 """The SparseMLP TensorRT plugin (plugins/tensorrt) configures, compiles and links against
-TensorRT's headers, and its creator behaves as TensorRT's ONNX parser expects.
+TensorRT's headers, and its creator behaves as TensorRT's ONNX parser expects; the C++ runner
+(runtime/examples) compiles against the same headers.
 
 No TensorRT runtime is needed: ``libclada_trt_plugin.so`` uses no libnvinfer symbol (it is
 linked with --no-undefined), and ``clada_trt_plugin_check`` drives the plugin through its
 ``getCreators`` entry point (names, format combinations, shape checks, workspace,
 serialization round trip). Skipped unless TensorRT's headers are found (``TENSORRT_ROOT``
-with ``include/NvInfer.h``, or a system install), nvcc and cmake.
+with ``include/NvInfer.h``, or a system install), nvcc and cmake. TensorRT's headers are not
+in the repository: fetch them (github.com/NVIDIA/TensorRT, ``include/``) into a folder git
+ignores and point ``TENSORRT_ROOT`` at it.
 """
 
 from __future__ import annotations
@@ -125,3 +128,36 @@ def _tensorrt_module() -> str | None:
         if importlib.util.find_spec(name) is not None:
             return name
     return None
+
+
+def test_runner_compiles_and_needs_one_libnvinfer_symbol(tmp_path):
+    """clada_run (runtime/examples): compiled against the headers (linked too where libnvinfer
+    is found). Everything it calls in TensorRT goes through the interfaces' virtual tables
+    except the runtime's factory, so the object must need exactly one libnvinfer symbol,
+    ``createInferRuntime_INTERNAL``, which NvInferRuntime.h declares as the library's export."""
+    if not Path("/usr/include/nlohmann/json.hpp").is_file() and not os.environ.get("nlohmann_json_DIR"):
+        pytest.skip("nlohmann/json not found (apt-get install nlohmann-json3-dev): the runner reads the profile with it")
+    build = tmp_path / "examples"
+    root = _tensorrt_root()
+    cuda_root = str(Path(find_nvcc()).resolve().parents[1])
+    env = dict(os.environ)
+    configure = ["cmake", "-S", str(REPO / "runtime" / "examples"), "-B", str(build), f"-DTENSORRT_ROOT={root}",
+                 f"-DCUDAToolkit_ROOT={cuda_root}", "-DCLADA_RUN_COMPILE_ONLY=ON"]
+    run = _run(configure, env, 120)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "clada_run: TensorRT headers" in run.stdout, run.stdout[-4000:]
+    run = _run(["cmake", "--build", str(build)], env, 300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    ours = [line for line in (run.stdout + run.stderr).splitlines() if "warning" in line.lower()]
+    assert not ours, "\n".join(ours)
+    objects = list(build.rglob("clada_run.cpp.o"))
+    assert len(objects) == 1, sorted(p.name for p in build.rglob("*"))
+    nm = shutil.which("nm")
+    if nm is None:
+        return
+    undefined = _run([nm, "--undefined-only", str(objects[0])], env, 60).stdout.split()
+    trt_symbols = {s for s in undefined if "nvinfer" in s.lower() or s.endswith("_INTERNAL")}
+    assert trt_symbols == {"createInferRuntime_INTERNAL"}, trt_symbols
+    header = Path(root) / "include" / "NvInferRuntime.h"
+    if header.is_file():  # a system install may keep its headers elsewhere
+        assert "TENSORRTAPI void* createInferRuntime_INTERNAL" in header.read_text()
