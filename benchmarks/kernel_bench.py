@@ -24,16 +24,14 @@ import math
 import os
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from clada_export.ops import native
 
-from clada_export.ops import native  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = {  # hidden, intermediate (Mistral-7B's MLP is Llama-3-8B's shape)
     "llama3-8b": (4096, 14336),
@@ -287,9 +285,8 @@ def main() -> None:
         bench_shape(name, hidden, inter, dtype, copy_bw, l2, args.sparsities, args.batches, rows)
     text = table(rows, gpu, copy_bw, read_bw)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", gpu).strip("_")
-    out_dir = REPO / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{slug}.md").write_text(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{slug}.md").write_text(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "kernel_bench.md").write_text(text)
     print()

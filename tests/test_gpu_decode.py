@@ -1,21 +1,24 @@
-"""The torch backend's GPU path (CUDA-graph decode with the SparseMLP kernels) against
-the float32 reference path, on a small random Llama checkpoint."""
+"""The cuda backend (runtime/cuda_graph.py: CUDA-graph decode with the SparseMLP and decode
+attention kernels) against the reference decoder, the never-slower-than-dense rule, and
+`generate --backend cuda` end to end, on small random checkpoints built here. (The default
+model is not carried to the GPU machine by these tests.)"""
 
 import pytest
 import torch
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent H100)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 
 def _native_or_skip():
     from clada_export.ops import native
 
-    if not native.is_available():
-        pytest.fail("libclada_kernels.so is not built: run cmake -S plugins -B plugins/build && "
-                    "cmake --build plugins/build (benchmarks/gpu_check.sh does)")
+    try:
+        native.load_library()
+    except native.NativeKernelsUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -53,88 +56,111 @@ def _decode_run(backend, ids, lens, th, steps=8, teacher=None):
         if teacher is not None:
             tok = teacher[step]
         out = backend.decode(tok, lens + step, th)
-        logits.append(out.logits.float().cpu())
+        logits.append(out.logits.float().cpu().clone())
         tok = out.logits.argmax(-1).cpu()
     return logits, out
 
 
-def test_cuda_graph_decode_matches_fp32_reference_when_dense(gpu_checkpoint):
+@pytest.mark.parametrize("mlp", ["kernel", "dense", "auto"])
+def test_cuda_backend_at_zero_thresholds_matches_torch_bf16(gpu_checkpoint, mlp):
+    """Teacher-forced over 32 steps at zero thresholds, the cuda backend's logits stay within
+    bf16 rounding of the torch backend running the same bf16 model eagerly (bound: relative
+    L2 error <= 2e-2 per step; measured on the H200 in benchmarks/results)."""
     _native_or_skip()
     from clada_export.model.loading import load_decoder
-    from clada_export.runtime.backends import TorchBackend
+    from clada_export.runtime.backends import CudaBackend, TorchBackend
 
-    ref_model, _ = load_decoder(gpu_checkpoint, dtype=torch.float32, device="cuda")
+    ref_model, _ = load_decoder(gpu_checkpoint, dtype=torch.bfloat16, device="cuda")
     fast_model, _ = load_decoder(gpu_checkpoint, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator().manual_seed(1)
     ids, lens = torch.randint(0, 512, (2, 12), generator=g), torch.tensor([12, 9])
     zeros = torch.zeros(ref_model.cfg.num_layers, 2, 2)
-    ref_logits, _ = _decode_run(TorchBackend(ref_model, "cuda"), ids, lens, zeros)
+    ref_logits, _ = _decode_run(TorchBackend(ref_model, "cuda"), ids, lens, zeros, steps=32)
     teacher = [l.argmax(-1) for l in ref_logits[:-1]]
-    fast_logits, _ = _decode_run(TorchBackend(fast_model, "cuda", cuda_graph=True), ids, lens, zeros, teacher=teacher)
-    worst = max(_rel(f, r) for f, r in zip(fast_logits, ref_logits))
-    # bf16 weights and activations against float32: rounding-level differences only
-    assert worst <= 3e-2, f"bf16 CUDA-graph decode vs fp32 reference: {worst:.3e}"
-
-
-def test_cuda_graph_decode_matches_eager_kernels(gpu_checkpoint):
-    """The captured graph (in-place cache, thresholds in static buffers) computes what
-    the same bf16 model computes eagerly with the same kernels. (Kernel-vs-reference
-    parity of the ops themselves is tests/test_kernels_gpu.py's and
-    tests/test_attention_gpu.py's job.)
-
-    The SparseMLP kernel adds fp32 partial sums with atomics, so the rounding of its bf16
-    output varies a little from run to run; at ~50% sparsity, once such a difference
-    decides a threshold, the cache carries it on: two eager runs of this model differ by
-    up to ~0.1 (H100; bf16 vs fp32 differ by ~0.3 from threshold flips alone). So zero
-    thresholds (no decision to flip) are held to bf16 rounding, sparse ones to the scale
-    of threshold flips; that the graph applies the thresholds it is given is
-    test_thresholds_update_between_replays' job."""
-    _native_or_skip()
-    from clada_export.model.loading import load_decoder
-    from clada_export.runtime.backends import TorchBackend
-    from clada_export.runtime.cuda_graph import use_decode_kernels
-
-    eager_model, _ = load_decoder(gpu_checkpoint, dtype=torch.bfloat16, device="cuda")
-    use_decode_kernels(eager_model)
-    fast_model, _ = load_decoder(gpu_checkpoint, dtype=torch.bfloat16, device="cuda")
-    g = torch.Generator().manual_seed(2)
-    ids, lens = torch.randint(0, 512, (2, 12), generator=g), torch.tensor([12, 9])
-    probe = TorchBackend(eager_model, "cuda")
-    probe.start(2, 64)
-    stats = probe.prefill(ids, lens, torch.zeros(eager_model.cfg.num_layers, 2, 2)).act_stats.float().cpu()
-    sparse = stats.clone()
-    sparse[:, 1] *= 1.3  # ~50% of |x| and |h| under threshold, the second sequence sparser
-    fast = TorchBackend(fast_model, "cuda", cuda_graph=True)
-    for th, tol, entropy_tol in ((torch.zeros_like(stats), 2e-2, 2e-2), (sparse, 0.3, 0.5)):
-        eager_logits, eager_out = _decode_run(TorchBackend(eager_model, "cuda"), ids, lens, th)
-        teacher = [l.argmax(-1) for l in eager_logits[:-1]]
-        fast_logits, fast_out = _decode_run(fast, ids, lens, th, teacher=teacher)
-        worst = max(_rel(f, r) for f, r in zip(fast_logits, eager_logits))
-        assert worst <= tol, f"graph vs eager with the same kernels: {worst:.3e}"
-        entropy_err = (fast_out.entropy.float().cpu() - eager_out.entropy.float().cpu()).abs().max()
-        assert entropy_err <= entropy_tol, f"entropy, graph vs eager: {entropy_err:.3e}"
+    fast = CudaBackend(fast_model, mlp=mlp)
+    fast_logits, _ = _decode_run(fast, ids, lens, zeros, steps=32, teacher=teacher)
+    errs = [_rel(f, r) for f, r in zip(fast_logits, ref_logits)]
+    print(f"cuda backend ({mlp}) vs torch bf16, zero thresholds, 32 steps: worst {max(errs):.3e}")
+    assert max(errs) <= 2e-2
+    assert len(fast.graph.variants) == 32
 
 
 def test_thresholds_update_between_replays(gpu_checkpoint):
-    """One captured graph serves every threshold: raising them changes the output."""
+    """One captured graph serves every threshold: raising them changes the output, and the
+    kernel's row counts show it read fewer weight rows."""
     _native_or_skip()
     from clada_export.model.loading import load_decoder
-    from clada_export.runtime.backends import TorchBackend
+    from clada_export.runtime.backends import CudaBackend
 
     model, _ = load_decoder(gpu_checkpoint, dtype=torch.bfloat16, device="cuda")
-    be = TorchBackend(model, "cuda", cuda_graph=True)
+    be = CudaBackend(model, mlp="kernel")
     L = model.cfg.num_layers
     ids = torch.randint(0, 512, (1, 6))
-    outs = []
+    outs, fractions = [], []
     for scale in (0.0, 1.0, 0.0):
         be.start(1, 32)
         pre = be.prefill(ids, torch.tensor([6]), torch.zeros(L, 1, 2))
         th = pre.act_stats.float().cpu() * scale
         outs.append(be.decode(pre.logits.argmax(-1).cpu(), torch.tensor([6]), th).logits.clone())
+        be.graph.finish()
+        fractions.append(be.graph.fractions[-1])
     assert len(be._graphs) == 1
-    # The kernels' fp32 atomics may round the same step differently from run to run, so the
-    # two replays at zero thresholds agree to a tolerance (usually exactly), and the change
-    # from raised thresholds must stand well above that noise.
     noise = _rel(outs[2], outs[0])
     assert noise <= 1e-2
     assert _rel(outs[1], outs[0]) > max(1e-3, 10 * noise)
+    assert fractions[0] == pytest.approx(1.0, abs=1e-3) and fractions[2] == pytest.approx(1.0, abs=1e-3)
+    assert 0.2 < fractions[1] < 0.8, fractions  # thresholds at the mean |x|, |h|: about half read
+
+
+def test_dense_rule_picks_by_measured_bytes(gpu_checkpoint):
+    """The never-slower-than-dense rule: measured times are sane, a step runs dense exactly
+    when the kernel's predicted time at the last measured byte fraction exceeds the dense
+    time, and on the dense graph the kernel runs again every PROBE_EVERY-th step."""
+    _native_or_skip()
+    from clada_export.model.loading import load_decoder
+    from clada_export.runtime.backends import CudaBackend
+    from clada_export.runtime.cuda_graph import PROBE_EVERY, DenseRule
+
+    model, _ = load_decoder(gpu_checkpoint, dtype=torch.bfloat16, device="cuda")
+    be = CudaBackend(model, mlp="auto")
+    L = model.cfg.num_layers
+    be.start(4, 128)
+    rule = be.graph.rule
+    assert 0 < rule.kernel_fixed < rule.kernel_full and rule.dense > 0
+    print(f"B=4 rule: kernel {rule.kernel_fixed*1e6:.1f} + {(rule.kernel_full-rule.kernel_fixed)*1e6:.1f} * f us, "
+          f"dense {rule.dense*1e6:.1f} us, crossover f = {rule.crossover:.2f}")
+    # force each side of the rule: dense always faster, then kernel always faster
+    ids, lens = torch.randint(0, 512, (4, 8)), torch.full((4,), 8)
+    for forced, expect in ((DenseRule(1.0, 2.0, 0.5), "dense"), (DenseRule(0.1, 0.2, 0.5), "kernel")):
+        be.start(4, 128)
+        be.graph.rule = forced
+        be.prefill(ids, lens, torch.zeros(L, 4, 2))
+        tok = torch.zeros(4, dtype=torch.long)
+        for step in range(2 * PROBE_EVERY + 2):
+            be.decode(tok, lens + step, torch.zeros(L, 4, 2))
+        v = be.graph.variants
+        assert v[0] == "kernel"  # nothing measured yet: the kernel measures
+        if expect == "dense":
+            probes = [i for i, x in enumerate(v) if x == "kernel"]
+            assert probes == [0, PROBE_EVERY + 1, 2 * PROBE_EVERY + 2][:len(probes)] and len(probes) >= 2, probes
+        else:
+            assert set(v) == {"kernel"}
+    be.graph.rule = rule
+
+
+def test_generate_cli_on_the_cuda_backend(tiny_chat_export, tmp_path, capsys):
+    """`generate --backend cuda` end to end (tiny export with a profile): streams text,
+    writes the trace and the plot, reports the backend; a dtype it does not run is one line."""
+    _native_or_skip()
+    from conftest import one_line_error, run_cli
+
+    trace, plot = tmp_path / "t.jsonl", tmp_path / "p.png"
+    code, out, err = run_cli(capsys, "generate", tiny_chat_export, "--backend", "cuda", "--prompt", "w5 w6 w7",
+                             "--max-new-tokens", "12", "--trace", trace, "--plot", plot)
+    assert code == 0, err
+    assert "backend cuda" in out + err
+    assert trace.read_text().count("\n") >= 2
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run_cli(capsys, "generate", tiny_chat_export, "--backend", "cuda", "--dtype", "float32",
+                           "--prompt", "w5")
+    assert code == 2 and "bfloat16" in one_line_error(err)

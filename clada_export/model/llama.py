@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from clada_export.model.config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from clada_export.ops.sparse_mlp import gated_intermediate, sparse_mlp_op
@@ -68,44 +67,6 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.inplace_cache = False
-        # GPU decode path (runtime/cuda_graph.py), both unset for export and the CPU: q/k/v
-        # weights concatenated (fuse_qkv) for one projection GEMV instead of three, and for
-        # one-token steps the fused decode attention kernel, a callable (q, k, v, position,
-        # k_cache, v_cache, window=, scale=) -> out with the model's RoPE frequencies bound
-        # (clada_export.ops.native.decode_attention_cuda).
-        self.qkv_weight: torch.Tensor | None = None
-        self.qkv_bias: torch.Tensor | None = None
-        self.decode_attention = None
-
-    def fuse_qkv(self) -> None:
-        """Concatenate the q/k/v projection weights into ``qkv_weight`` (and biases) and
-        make the projections' parameters views of it: one GEMV per step, no extra memory,
-        and the parameters keep their names and values for loading and export."""
-        if self.qkv_weight is not None:
-            return
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        with torch.no_grad():
-            self.qkv_weight = torch.cat([p.weight for p in projs])
-            self.qkv_bias = torch.cat([p.bias for p in projs]) if self.cfg.qkv_bias else None
-        start = 0
-        for p in projs:
-            rows = p.weight.shape[0]
-            p.weight.data = self.qkv_weight[start:start + rows]
-            if self.qkv_bias is not None:
-                p.bias.data = self.qkv_bias[start:start + rows]
-            start += rows
-
-    def _apply(self, fn, recurse=True):
-        # .to()/.half()/.cuda() give the parameters new storage that is no longer a view of
-        # qkv_weight (a plain attribute, which they would not move): fuse again from the
-        # converted parameters so the fused GEMV never reads stale weights on the old device.
-        fused = self.qkv_weight is not None
-        self.qkv_weight = self.qkv_bias = None
-        super()._apply(fn, recurse)
-        if fused:
-            self.fuse_qkv()
-        return self
 
     def forward(
         self,
@@ -119,12 +80,7 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         cfg, d = self.cfg, self.cfg.head_dim
-        if self.decode_attention is not None and T == 1:
-            return self._fused_decode(x[:, 0], positions[:, 0], k_cache, v_cache)
-        if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self._qkv_sizes(), dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, cfg.num_heads, d)
         k = k.view(B, T, cfg.num_kv_heads, d)
         v = v.view(B, T, cfg.num_kv_heads, d).transpose(1, 2)
@@ -136,14 +92,10 @@ class Attention(nn.Module):
 
         # Functional cache write (scatter at each token's slot) for export: the graph
         # returns the updated cache, and a runtime may bind input and output to the same
-        # buffer. The GPU path (inplace_cache) writes the preallocated cache in place.
+        # buffer. (The GPU decode path, runtime/cuda_graph.py, writes its own cache in place.)
         slots = positions[:, None, :, None].expand(B, cfg.num_kv_heads, T, d)
-        if self.inplace_cache:  # GPU decode: no copy of the cache per step
-            k_cache.scatter_(2, slots, k.to(k_cache.dtype))
-            v_cache.scatter_(2, slots, v.to(v_cache.dtype))
-        else:
-            k_cache = k_cache.scatter(2, slots, k.to(k_cache.dtype))
-            v_cache = v_cache.scatter(2, slots, v.to(v_cache.dtype))
+        k_cache = k_cache.scatter(2, slots, k.to(k_cache.dtype))
+        v_cache = v_cache.scatter(2, slots, v.to(v_cache.dtype))
 
         # Grouped-query attention without copying the cache per query head: the query
         # heads that share a KV head are stacked along the query axis
@@ -158,25 +110,6 @@ class Attention(nn.Module):
         out = out.reshape(B, cfg.num_heads, T, d).transpose(1, 2).reshape(B, T, cfg.num_heads * d)
         return self.o_proj(out), k_cache, v_cache
 
-    def _qkv_sizes(self) -> tuple[int, int, int]:
-        cfg = self.cfg
-        return cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-
-    def _fused_decode(self, x, position, k_cache, v_cache):
-        """One-token step on the GPU decode path: one GEMV over the fused q/k/v weights,
-        then the fused decode attention kernel; the same math as ``forward``'s general path
-        (RoPE, cache write at ``position``, masked GQA)."""
-        B, cfg, d = x.shape[0], self.cfg, self.cfg.head_dim
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self._qkv_sizes(), dim=-1)
-        if cfg.qk_norm:
-            q = self.q_norm(q.reshape(B, cfg.num_heads, d)).reshape(B, -1)
-            k = self.k_norm(k.reshape(B, cfg.num_kv_heads, d)).reshape(B, -1)
-        if not self.inplace_cache:  # functional callers get updated copies, as in forward
-            k_cache, v_cache = k_cache.clone(), v_cache.clone()
-        out = self.decode_attention(q, k, v, position, k_cache, v_cache, window=cfg.sliding_window or 0,
-                                    scale=d ** -0.5)
-        return self.o_proj(out[:, None]), k_cache, v_cache
-
 
 class SparseMLP(nn.Module):
     """The gated MLP as CLADA's SparseMLP op. Weights in the kernel layout
@@ -185,16 +118,11 @@ class SparseMLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.act = cfg.act
-        # The CUDA kernel (clada_export.ops.native.sparse_mlp_cuda) for decode steps, set
-        # explicitly by the GPU path; None runs the reference op.
-        self.decode_kernel = None
         self.w_gate_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
         self.w_up_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
         self.w_down_t = nn.Parameter(torch.empty(cfg.intermediate_size, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        if self.decode_kernel is not None and x.shape[1] == 1:
-            return self.decode_kernel(x, self.w_gate_t, self.w_up_t, self.w_down_t, thresholds, self.act)
         return sparse_mlp_op(x, self.w_gate_t, self.w_up_t, self.w_down_t, thresholds, self.act)
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:

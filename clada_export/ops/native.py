@@ -15,9 +15,10 @@ step's attention for one new token per sequence (RoPE of q and k, k and v writte
 static cache at ``position``, grouped-query attention over the visible slots), custom op
 ``clada::decode_attention_cuda`` (it mutates the caches in place).
 
-The library is found through ``$CLADA_KERNELS_LIB``, else ``plugins/build/libclada_kernels.so``
-in the repository. There is no silent fallback: if it is missing, calls raise
-:class:`NativeKernelsUnavailable` with the command that builds it.
+The library is found by :func:`find_library` (the environment variable, then the installed
+package's ``clada_export/lib``, where ``pip install`` builds it when nvcc is present, then a
+repository build in ``plugins/build``). There is no silent fallback: if it is missing,
+calls raise :class:`NativeKernelsUnavailable` saying how to build it.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import torch
 
 from clada_export.ops.sparse_mlp import ACTIVATIONS, check_thresholds
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_LIB = REPO_ROOT / "plugins" / "build" / "libclada_kernels.so"
+PACKAGE_LIB_DIR = Path(__file__).resolve().parents[1] / "lib"
+REPO_BUILD_DIR = Path(__file__).resolve().parents[2] / "plugins" / "build"
+KERNELS_LIB = "libclada_kernels.so"
 BUILD_COMMAND = (
-    "cmake -S plugins -B plugins/build -DCMAKE_BUILD_TYPE=Release && cmake --build plugins/build -j"
+    "pip install -e . (with nvcc and cmake on PATH: the install builds it into clada_export/lib), or from the "
+    "repository root: cmake -S plugins -B plugins/build && cmake --build plugins/build -j"
 )
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 
@@ -63,9 +66,22 @@ _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
 
 
-def library_path() -> Path:
-    env = os.environ.get("CLADA_KERNELS_LIB")
-    return Path(env) if env else DEFAULT_LIB
+def find_library(name: str, env_var: str) -> Path | None:
+    """Where the shared library ``name`` is: ``$env_var`` if set (returned even if missing,
+    so the error names it), else the installed package's ``clada_export/lib/name``, else a
+    repository build ``plugins/build/name``; None when neither exists. The kernel library
+    and the TensorRT plugin are both found this way."""
+    env = os.environ.get(env_var)
+    if env:
+        return Path(env)
+    for folder in (PACKAGE_LIB_DIR, REPO_BUILD_DIR):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def library_path() -> Path | None:
+    return find_library(KERNELS_LIB, "CLADA_KERNELS_LIB")
 
 
 def load_library() -> ctypes.CDLL:
@@ -77,21 +93,22 @@ def load_library() -> ctypes.CDLL:
         if _lib is not None:
             return _lib
         path = library_path()
-        if not path.is_file():
+        if path is None or not path.is_file():
+            where = path or f"{PACKAGE_LIB_DIR} or {REPO_BUILD_DIR}"
             raise NativeKernelsUnavailable(
-                f"CUDA kernel library not found at {path} (set CLADA_KERNELS_LIB to override). "
-                f"Build it from the repository root with:\n    {BUILD_COMMAND}"
+                f"CUDA kernel library {KERNELS_LIB} not found in {where} (CLADA_KERNELS_LIB overrides). "
+                f"Build it with: {BUILD_COMMAND}"
             )
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
-            raise NativeKernelsUnavailable(f"cannot load {path}: {exc}. Rebuild with:\n    {BUILD_COMMAND}") from exc
+            raise NativeKernelsUnavailable(f"cannot load {path}: {exc}. Rebuild with: {BUILD_COMMAND}") from exc
         lib.clada_kernels_abi_version.restype = ctypes.c_int
         lib.clada_kernels_abi_version.argtypes = []
         version = lib.clada_kernels_abi_version()
         if version != ABI_VERSION:
             raise NativeKernelsUnavailable(
-                f"{path} has ABI version {version}, this binding expects {ABI_VERSION}; rebuild with:\n    {BUILD_COMMAND}"
+                f"{path} has ABI version {version}, this binding expects {ABI_VERSION}; rebuild with: {BUILD_COMMAND}"
             )
         lib.clada_sparse_mlp_workspace_size.restype = ctypes.c_size_t
         lib.clada_sparse_mlp_workspace_size.argtypes = [ctypes.c_int] * 3
@@ -103,6 +120,19 @@ def load_library() -> ctypes.CDLL:
             ctypes.c_void_p,
             ctypes.c_void_p,
         ]
+        lib.clada_sparse_mlp_counted.restype = ctypes.c_int
+        lib.clada_sparse_mlp_counted.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        for name in ("clada_mask_input", "clada_gate_mask"):
+            getattr(lib, name).restype = ctypes.c_int
+        lib.clada_mask_input.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+        lib.clada_gate_mask.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
         lib.clada_decode_attention_supported.restype = ctypes.c_int
         lib.clada_decode_attention_supported.argtypes = [ctypes.c_int] * 3
         lib.clada_decode_attention_workspace_size.restype = ctypes.c_size_t
@@ -202,8 +232,11 @@ def sparse_mlp_cuda_into(
     w_down_t: torch.Tensor,
     thresholds: torch.Tensor,
     act: str = "silu",
+    row_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write the op's result for 2-D ``x`` ``[B, hidden]`` (B <= 8) into ``out`` ``[B, hidden]``."""
+    """Write the op's result for 2-D ``x`` ``[B, hidden]`` (B <= 8) into ``out`` ``[B, hidden]``.
+    ``row_counts``: int32 ``[2]`` on the device, or None; the call adds the rows of
+    ``w_gate_t``/``w_up_t`` and of ``w_down_t`` it read (the union over the batch)."""
     lib = load_library()
     rows, hidden = x.shape
     inter = w_gate_t.shape[1]
@@ -215,7 +248,10 @@ def sparse_mlp_cuda_into(
     ws, zeroed = _workspace(x.device, ("sparse_mlp", hidden, inter),
                             lambda: lib.clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter))
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    status = lib.clada_sparse_mlp(
+    if row_counts is not None and (row_counts.dtype != torch.int32 or row_counts.numel() != 2
+                                   or not row_counts.is_contiguous() or row_counts.device != x.device):
+        raise ValueError(f"row_counts must be a contiguous int32 [2] tensor on {x.device}")
+    status = lib.clada_sparse_mlp_counted(
         x.data_ptr(),
         w_gate_t.data_ptr(),
         w_up_t.data_ptr(),
@@ -230,6 +266,7 @@ def sparse_mlp_cuda_into(
         ws.data_ptr(),
         ws.numel(),
         1 if zeroed else 0,
+        None if row_counts is None else row_counts.data_ptr(),
         ctypes.addressof(_tuning),
         stream,
     )
@@ -262,6 +299,30 @@ def _(x, w_gate_t, w_up_t, w_down_t, thresholds, act):
     return x.new_empty((*x.shape[:-1], w_down_t.shape[-1]))
 
 
+@torch.library.custom_op("clada::sparse_mlp_cuda_counted", mutates_args=("row_counts",), device_types="cuda")
+def sparse_mlp_cuda_counted(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str,
+    row_counts: torch.Tensor,
+) -> torch.Tensor:
+    """The op for ``x [B, hidden]`` (one token per row, B <= 8) that also adds the weight rows
+    it read to ``row_counts`` (int32 ``[2]``: gate/up rows, down rows; see
+    :func:`sparse_mlp_cuda_into`). The GPU decode path's MLP (runtime/cuda_graph.py)."""
+    _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
+    out = torch.empty_like(x)
+    sparse_mlp_cuda_into(out, x.contiguous(), w_gate_t, w_up_t, w_down_t, thresholds, act, row_counts)
+    return out
+
+
+@sparse_mlp_cuda_counted.register_fake
+def _(x, w_gate_t, w_up_t, w_down_t, thresholds, act, row_counts):
+    return torch.empty_like(x)
+
+
 def sparse_mlp_cuda(
     x: torch.Tensor,
     w_gate_t: torch.Tensor,
@@ -275,6 +336,60 @@ def sparse_mlp_cuda(
     Raises NativeKernelsUnavailable when the library is missing."""
     load_library()  # raise the clear error before touching the dispatcher
     return sparse_mlp_cuda_op(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
+
+
+# ------------------------------------------------------------------ the op around dense GEMMs
+def _check_status(name: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"{name} failed: {load_library().clada_error_string(status).decode()} (status {status})")
+
+
+def _check_rows(name: str, t: torch.Tensor, thresholds: torch.Tensor) -> None:
+    if t.dim() != 2 or not t.is_contiguous() or t.dtype not in _DTYPES or t.device.type != "cuda" or t.shape[1] % 8:
+        raise ValueError(f"{name} must be a contiguous CUDA bf16/fp16 [batch, n] tensor with n a multiple of 8, "
+                         f"got {t.dtype} {list(t.shape)} on {t.device}")
+    check_thresholds(thresholds, t.shape[0])
+    if thresholds.dtype != torch.float32 or not thresholds.is_contiguous() or thresholds.device != t.device:
+        raise ValueError(f"thresholds must be contiguous float32 on {t.device}")
+
+
+@torch.library.custom_op("clada::mask_input", mutates_args=(), device_types="cuda")
+def mask_input(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``x * (|x| > t_in)`` per row for ``x [B, n]``, ``thresholds [B, 2]`` float32: the op's
+    input threshold before a dense gate/up GEMM (one launch)."""
+    _check_rows("x", x, thresholds)
+    out = torch.empty_like(x)
+    _check_status("clada_mask_input", load_library().clada_mask_input(
+        x.data_ptr(), thresholds.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], _DTYPES[x.dtype],
+        torch.cuda.current_stream(x.device).cuda_stream))
+    return out
+
+
+@mask_input.register_fake
+def _(x, thresholds):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("clada::gate_mask", mutates_args=(), device_types="cuda")
+def gate_mask(gate_up: torch.Tensor, thresholds: torch.Tensor, act: str) -> torch.Tensor:
+    """``h = act(g) * u``, kept where ``|h| > t_mid``, for ``gate_up [B, 2 * inter]`` (gate
+    then up, one GEMM's output): the op's middle between dense GEMMs (one launch)."""
+    _check_rows("gate_up", gate_up, thresholds)
+    if act not in _ACTS:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+    inter = gate_up.shape[1] // 2
+    if inter % 8:
+        raise ValueError(f"gate_up must hold 2 x inter columns with inter a multiple of 8, got {gate_up.shape[1]}")
+    out = gate_up.new_empty((gate_up.shape[0], inter))
+    _check_status("clada_gate_mask", load_library().clada_gate_mask(
+        gate_up.data_ptr(), thresholds.data_ptr(), out.data_ptr(), gate_up.shape[0], inter, _DTYPES[gate_up.dtype],
+        _ACTS[act], torch.cuda.current_stream(gate_up.device).cuda_stream))
+    return out
+
+
+@gate_mask.register_fake
+def _(gate_up, thresholds, act):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
 
 # ------------------------------------------------------------------ decode attention

@@ -1,6 +1,7 @@
 """Backends: what runs a prefill or a decode step. The Generator talks only to this
-interface; the torch backend runs our Decoder, the onnxruntime backend the exported
-graphs, and a TensorRT backend plugs in the same way.
+interface: the torch backend runs our Decoder eagerly, the onnxruntime backend the
+exported graphs, the cuda backend our Decoder's weights through the CUDA kernels with
+each decode step replayed from a captured CUDA graph (runtime/cuda_graph.py).
 
 All tensors crossing this interface are torch tensors on ``backend.device``: the
 sampler runs there, and only token ids and a few scalars per sequence go to the host.
@@ -51,64 +52,85 @@ class Backend(abc.ABC):
 
 
 class TorchBackend(Backend):
-    """Our Decoder in PyTorch, through the same wrappers the exporter traces.
+    """Our Decoder in PyTorch, eager, through the same wrappers the exporter traces."""
 
-    ``cuda_graph=True`` (CUDA only) is the GPU fast path: decode steps replay one
-    captured CUDA graph that runs the SparseMLP kernels (``runtime/cuda_graph.py``),
-    torch.compile'd first with ``compile=True``; prefill stays eager and writes the
-    same preallocated cache in place.
-    """
-
-    def __init__(self, model: Decoder, device: str | torch.device = "cpu", cuda_graph: bool = False,
-                 compile: bool = False):
+    def __init__(self, model: Decoder, device: str | torch.device = "cpu"):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
-        if cuda_graph and self.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs a CUDA device")
-        self.cuda_graph = cuda_graph
-        self.compile = compile
         self.num_layers = model.cfg.num_layers
         self.vocab_size = model.cfg.vocab_size
         self._prefill = PrefillGraph(self.model)
         self._decode = DecodeGraph(self.model)
         self._caches: list[torch.Tensor] = []
-        self._graphs: dict[tuple[int, int], object] = {}
-        self._graph = None
 
     def start(self, batch: int, max_len: int) -> None:
-        if not self.cuda_graph:
-            k, v = self.model.new_cache(batch, max_len, device=self.device)
-            self._caches = [t for pair in zip(k, v) for t in pair]
-            return
-        from clada_export.runtime.cuda_graph import CudaGraphDecode
-
-        key = (batch, max_len)
-        if key not in self._graphs:  # capture once per shape; the caches belong to the graph
-            k, v = self.model.new_cache(batch, max_len, device=self.device)
-            self._graphs[key] = CudaGraphDecode(self.model, batch, max_len, k, v, compile=self.compile)
-        self._graph = self._graphs[key]
-        for t in (*self._graph.k, *self._graph.v):
-            t.zero_()
-        self._caches = [t for pair in zip(self._graph.k, self._graph.v) for t in pair]
+        k, v = self.model.new_cache(batch, max_len, device=self.device)
+        self._caches = [t for pair in zip(k, v) for t in pair]
 
     @torch.no_grad()
     def prefill(self, input_ids, seq_lens, thresholds):
         out = self._prefill(input_ids.to(self.device), seq_lens.to(self.device), thresholds.to(self.device),
                             *self._caches)
-        if not self.cuda_graph:
-            self._caches = list(out[4:])
+        self._caches = list(out[4:])
         return StepResult(out[0], out[1], out[2], out[3])
 
     @torch.no_grad()
     def decode(self, tokens, position, thresholds):
-        if self.cuda_graph:
-            logits, entropy, lse = self._graph.step(tokens.to(self.device), position.to(self.device),
-                                                    thresholds.to(self.device))
-            return StepResult(logits, entropy, lse)
         out = self._decode(tokens.to(self.device)[:, None], position.to(self.device), thresholds.to(self.device),
                            *self._caches)
         self._caches = list(out[3:])
         return StepResult(out[0], out[1], out[2])
+
+
+class CudaBackend(Backend):
+    """The GPU fast path: prefill is the model's own forward (eager); each decode step
+    replays one captured CUDA graph of :class:`~clada_export.runtime.cuda_graph.DecodePath`
+    (SparseMLP and decode-attention kernels, or dense GEMMs where they are faster). One
+    graph set is captured per (batch, max_len) and kept; the model is not modified.
+
+    ``mlp``: ``"auto"`` (the never-slower-than-dense rule), ``"kernel"``, ``"dense"`` or
+    ``"plain"`` (dense, thresholds ignored: a benchmark baseline)."""
+
+    def __init__(self, model: Decoder, mlp: str = "auto", compile: bool = False, path=None):
+        """``path``: a :class:`~clada_export.runtime.cuda_graph.DecodePath` of ``model`` to
+        share (its converted weights) with another backend, e.g. a benchmark's dense one."""
+        from clada_export.runtime.cuda_graph import DecodePath
+
+        self.model = model.eval()
+        self.path = path if path is not None else DecodePath(self.model, dense_fallback=mlp != "kernel")
+        self.device = self.path.device
+        self.mlp, self.compile = mlp, compile
+        self.num_layers = model.cfg.num_layers
+        self.vocab_size = model.cfg.vocab_size
+        self._prefill = PrefillGraph(self.model)
+        self._graphs: dict[tuple[int, int], object] = {}
+        self.graph = None
+        """The :class:`~clada_export.runtime.cuda_graph.CudaGraphDecode` of the current
+        generation (its ``variants`` and ``fractions`` say what each step ran and read)."""
+
+    def start(self, batch: int, max_len: int) -> None:
+        from clada_export.runtime.cuda_graph import CudaGraphDecode
+
+        key = (batch, max_len)
+        if key not in self._graphs:  # capture once per shape; the caches belong to the graphs
+            self._graphs[key] = CudaGraphDecode(self.path, batch, max_len, mlp=self.mlp, compile=self.compile)
+        self.graph = self._graphs[key]
+        self.graph.reset()
+
+    @torch.no_grad()
+    def prefill(self, input_ids, seq_lens, thresholds):
+        g = self.graph
+        caches = [t for pair in zip(g.k, g.v) for t in pair]
+        out = self._prefill(input_ids.to(self.device), seq_lens.to(self.device), thresholds.to(self.device), *caches)
+        for static, new in zip(caches, out[4:]):
+            static.copy_(new)
+        return StepResult(out[0], out[1], out[2], out[3])
+
+    @torch.no_grad()
+    def decode(self, tokens, position, thresholds):
+        logits, entropy, lse = self.graph.step(tokens.to(self.device), position.to(self.device),
+                                               thresholds.to(self.device))
+        return StepResult(logits, entropy, lse)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -176,9 +198,10 @@ def open_backend(name: str, export_dir: str | Path, manifest: dict, *, device: s
                  dtype: str | None = None) -> Backend:
     """The backend ``name`` for the export in ``export_dir`` (its manifest already read).
 
-    ``device`` and ``dtype`` apply to backends that load the checkpoint (torch); ``None``
-    means the backend's default. Raises :class:`UserError` with what to do when the backend
-    cannot run here.
+    ``device`` and ``dtype`` apply to backends that load the checkpoint (torch, cuda);
+    ``None`` means the backend's default (torch: cuda if available, else cpu, in the
+    checkpoint's float32; cuda: bfloat16). Raises :class:`UserError` with what to do when
+    the backend cannot run here.
     """
     from clada_export.errors import UserError
 
@@ -186,14 +209,45 @@ def open_backend(name: str, export_dir: str | Path, manifest: dict, *, device: s
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(export_dir)
-    from clada_export.model.loading import load_decoder
-
     source = manifest.get("source")
     if not source or not Path(source).is_dir():
-        raise UserError(f"the torch backend loads the checkpoint this export came from ({source}), which is "
+        raise UserError(f"the {name} backend loads the checkpoint this export came from ({source}), which is "
                         "not there any more; use --backend onnxruntime or re-export")
+    if name == "cuda":
+        return open_cuda_backend(Path(source), device=device, dtype=dtype)
+    from clada_export.model.loading import load_decoder
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_decoder(Path(source), device=device)
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     return TorchBackend(model, device)
+
+
+def open_cuda_backend(checkpoint: Path, *, device: str | None = None, dtype: str | None = None,
+                      mlp: str = "auto", compile: bool = False) -> CudaBackend:
+    """The cuda backend on a checkpoint directory, with one-line errors (UserError) for a
+    missing GPU, a missing kernel library, or a dtype or model shape it does not run."""
+    from clada_export.errors import UserError
+    from clada_export.model.loading import load_decoder
+    from clada_export.ops.native import NativeKernelsUnavailable, load_library
+    from clada_export.runtime.cuda_graph import DTYPES, DecodePathUnsupported
+
+    if not torch.cuda.is_available():
+        raise UserError("the cuda backend needs an NVIDIA GPU and a CUDA build of torch (torch.cuda.is_available() "
+                        "is False here); use --backend torch or onnxruntime")
+    dtype = dtype or "bfloat16"
+    if dtype not in DTYPES:
+        raise UserError(f"the cuda backend runs {' or '.join(DTYPES)} weights, not {dtype!r}; pass --dtype bfloat16")
+    device = device or "cuda"
+    if torch.device(device).type != "cuda":
+        raise UserError(f"the cuda backend runs on a CUDA device, not {device!r}; use --backend torch for the CPU")
+    try:
+        load_library()
+    except NativeKernelsUnavailable as e:
+        raise UserError(str(e)) from None
+    model, _ = load_decoder(checkpoint, dtype=DTYPES[dtype], device=device)
+    try:
+        return CudaBackend(model, mlp=mlp, compile=compile)
+    except DecodePathUnsupported as e:
+        raise UserError(f"{e}; use --backend torch") from None

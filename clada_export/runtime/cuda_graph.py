@@ -1,112 +1,304 @@
-"""The torch backend's GPU decode path: the decode step captured once in a CUDA graph.
+"""The GPU decode path: one decode step captured in a CUDA graph, replayed per token.
 
-Weights are already in the kernel layout (the Decoder stores them so); every MLP runs
-the SparseMLP CUDA kernel for its one-token rows; every attention runs its q/k/v
-projections as one GEMV, and RoPE, cache write and attention as one fused decode
-attention kernel; the KV cache is preallocated and written in place; token ids,
-positions and the thresholds ``[L, B, 2]`` live in static device buffers that are
-overwritten between replays, so one graph serves every threshold the controller chooses.
+:class:`DecodePath` is a separate object that holds what it converted from a
+:class:`~clada_export.model.llama.Decoder` (the model itself is never modified): q/k/v
+weights concatenated once for one projection GEMV per layer, and, for the dense fallback,
+each MLP's gate/up weights as one ``nn.Linear``-layout matrix and its down weights in
+``nn.Linear`` layout. The SparseMLP kernel reads the model's own ``w_*_t`` parameters,
+which are already in its layout. A decode step is: embedding; per layer RMSNorm, the q/k/v
+GEMV, the fused decode attention kernel (RoPE, cache write in place, attention), o_proj,
+RMSNorm, the MLP; final norm, lm_head, entropy and logsumexp.
+
+:class:`CudaGraphDecode` holds one batch shape: the KV cache, static input buffers
+(token ids, positions, thresholds ``[L, B, 2]`` overwritten between replays, so one graph
+serves every threshold the controller picks) and the captured graphs, one per MLP variant:
+
+- ``kernel``: the SparseMLP CUDA kernel, which also counts the weight rows it read;
+- ``dense``: the same op (thresholds applied) as cuBLAS GEMMs on the dense copies, with the
+  thresholds applied by two elementwise kernels (clada_mask_input, clada_gate_mask);
+- ``plain``: dense GEMMs with thresholds ignored (only the benchmark's dense baseline).
+
+Never slower than dense (docs/gpu.md): at capture, the MLP time of one step is measured
+for the kernel reading no rows and all rows, and for the dense GEMMs. Before each step,
+the kernel is predicted to take ``fixed + (full - fixed) * f``, where ``f`` is the fraction
+of MLP weight bytes the kernel read in its last step (union over the batch, counted on the
+device); the step runs the kernel when that beats the dense time, else the dense graph.
+While on the dense graph, every ``PROBE_EVERY``-th step runs the kernel again to re-measure
+``f``.
 """
 
 from __future__ import annotations
 
-import functools
+import statistics
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from clada_export.model.llama import Decoder, cognitive_signals
+from clada_export.ops.sparse_mlp import activation
+
+MLP_VARIANTS = ("kernel", "dense", "plain")
+PROBE_EVERY = 32
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def use_decode_kernels(model: Decoder, enable: bool = True, attention: bool = True) -> None:
-    """Route every decode step's MLPs through the SparseMLP CUDA kernel and, with
-    ``attention``, its attention through the fused decode attention
-    (``use_decode_attention``); or back to the reference."""
-    kernel = None
-    if enable:
-        from clada_export.ops.native import load_library, sparse_mlp_cuda
-
-        load_library()  # the clear error (how to build it) now, not inside a capture
-        kernel = sparse_mlp_cuda
-    for layer in model.layers:
-        layer.mlp.decode_kernel = kernel
-    if attention:
-        use_decode_attention(model, enable)
+class DecodePathUnsupported(ValueError):
+    """The model's shape, dtype or device is outside what the GPU decode path handles."""
 
 
-def use_decode_attention(model: Decoder, enable: bool = True) -> bool:
-    """Run one-token attention steps as one GEMV over concatenated q/k/v weights and the
-    fused decode attention kernel, where the kernel supports the model's attention shape
-    and dtype; returns whether it does. ``enable=False`` restores the reference attention
-    (the q/k/v weights stay concatenated: same values, same math)."""
-    kernel = None
-    if enable:
-        from clada_export.ops.native import decode_attention_cuda, decode_attention_supported
+@dataclass
+class _LayerWeights:
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor | None  # [2 * inter, hidden], dense fallback only
+    down: torch.Tensor | None  # [hidden, inter]
+
+
+class DecodePath:
+    """The converted weights and the one-token decode step of ``model`` (CUDA, bf16/fp16)."""
+
+    def __init__(self, model: Decoder, dense_fallback: bool = True):
+        from clada_export.ops.native import MAX_HIDDEN, decode_attention_supported, load_library
 
         cfg = model.cfg
-        dtype = model.embed_tokens.weight.dtype
-        if decode_attention_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype):
-            # The kernel computes RoPE itself, from the model's own frequencies and scaling
-            # (float32: a model cast with .to(dtype) holds them rounded to that dtype, and
-            # its forward multiplies them in float32 as they are).
-            kernel = functools.partial(decode_attention_cuda, inv_freq=model.inv_freq.float(),
-                                       rope_scale=model.rope_scaling)
-    for layer in model.layers:
-        if kernel is not None:
-            layer.self_attn.fuse_qkv()
-        layer.self_attn.decode_attention = kernel
-    return kernel is not None
+        weight = model.embed_tokens.weight
+        if weight.device.type != "cuda":
+            raise DecodePathUnsupported(f"the GPU decode path needs the model on a CUDA device, not {weight.device}")
+        if weight.dtype not in DTYPES.values():
+            raise DecodePathUnsupported(f"the GPU decode path runs bfloat16 or float16 weights, not {weight.dtype}")
+        load_library()  # the clear error (how to build it) now, not inside a capture
+        if not decode_attention_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weight.dtype):
+            raise DecodePathUnsupported(f"the decode attention kernel does not support {cfg.num_heads} heads, "
+                                        f"{cfg.num_kv_heads} KV heads of dimension {cfg.head_dim}")
+        if cfg.hidden_size > MAX_HIDDEN or cfg.hidden_size % 8 or cfg.intermediate_size % 8:
+            raise DecodePathUnsupported(f"the SparseMLP kernel needs hidden <= {MAX_HIDDEN} and sizes that are "
+                                        f"multiples of 8; this model has {cfg.hidden_size}, {cfg.intermediate_size}")
+        self.model = model
+        self.cfg = cfg
+        self.dtype = weight.dtype
+        self.device = weight.device
+        self.dense_fallback = dense_fallback
+        self.inv_freq = model.inv_freq.float()
+        d = cfg.head_dim
+        self.qkv_sizes = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+        self.layers: list[_LayerWeights] = []
+        with torch.no_grad():
+            for layer in model.layers:
+                a, m = layer.self_attn, layer.mlp
+                projs = (a.q_proj, a.k_proj, a.v_proj)
+                self.layers.append(_LayerWeights(
+                    qkv_weight=torch.cat([p.weight for p in projs]),
+                    qkv_bias=torch.cat([p.bias for p in projs]) if cfg.qkv_bias else None,
+                    gate_up=torch.cat([m.w_gate_t.t(), m.w_up_t.t()]).contiguous() if dense_fallback else None,
+                    down=m.w_down_t.t().contiguous() if dense_fallback else None,
+                ))
+
+    def _mlp(self, i: int, x: torch.Tensor, thresholds: torch.Tensor, variant: str,
+             row_counts: torch.Tensor | None) -> torch.Tensor:
+        from clada_export.ops.native import gate_mask, mask_input, sparse_mlp_cuda_counted
+
+        mlp, w = self.model.layers[i].mlp, self.layers[i]
+        if variant == "kernel":
+            return sparse_mlp_cuda_counted(x, mlp.w_gate_t, mlp.w_up_t, mlp.w_down_t, thresholds, mlp.act,
+                                           row_counts[i])
+        if w.gate_up is None:
+            raise DecodePathUnsupported("this DecodePath was built without the dense fallback")
+        if variant == "dense":  # the op itself, its thresholds applied around cuBLAS GEMMs
+            return F.linear(gate_mask(F.linear(mask_input(x, thresholds), w.gate_up), thresholds, mlp.act), w.down)
+        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+        return F.linear(activation(gate, mlp.act) * up, w.down)
+
+    def step(self, tokens: torch.Tensor, position: torch.Tensor, k_caches: list[torch.Tensor],
+             v_caches: list[torch.Tensor], thresholds: torch.Tensor, variant: str = "kernel",
+             row_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step for ``tokens [B]`` at cache slot ``position [B]``; the caches are
+        written in place. ``thresholds [L, B, 2]`` float32; ``row_counts [L, 2]`` int32
+        (``kernel`` only) receives the weight rows each layer's kernel read. Returns
+        ``(logits [B, vocab] float32, entropy [B], logsumexp [B])``."""
+        from clada_export.ops.native import decode_attention_cuda
+
+        model, cfg = self.model, self.cfg
+        B = tokens.shape[0]
+        d = cfg.head_dim
+        x = model.embed_tokens(tokens)  # [B, hidden]
+        for i, layer in enumerate(model.layers):
+            a, w = layer.self_attn, self.layers[i]
+            q, k, v = F.linear(layer.input_layernorm(x), w.qkv_weight, w.qkv_bias).split(self.qkv_sizes, dim=-1)
+            if cfg.qk_norm:
+                q = a.q_norm(q.reshape(B, cfg.num_heads, d)).reshape(B, -1)
+                k = a.k_norm(k.reshape(B, cfg.num_kv_heads, d)).reshape(B, -1)
+            out = decode_attention_cuda(q, k, v, position, k_caches[i], v_caches[i], self.inv_freq,
+                                        rope_scale=model.rope_scaling, window=cfg.sliding_window or 0,
+                                        scale=d ** -0.5)
+            x = x + a.o_proj(out)
+            x = x + self._mlp(i, layer.post_attention_layernorm(x), thresholds[i], variant, row_counts)
+        logits = model.lm_head(model.norm(x)).float()
+        entropy, lse = cognitive_signals(logits)
+        return logits, entropy, lse
+
+
+@dataclass
+class DenseRule:
+    """The MLP time of one decode step (all layers, seconds) measured at capture: the kernel
+    reading no weight rows (``kernel_fixed``) and all of them (``kernel_full``), and the dense
+    GEMMs (``dense``). The kernel's time is close to linear in the fraction of weight bytes
+    it reads (benchmarks/results)."""
+
+    kernel_fixed: float
+    kernel_full: float
+    dense: float
+
+    def kernel_time(self, fraction: float) -> float:
+        return self.kernel_fixed + (self.kernel_full - self.kernel_fixed) * fraction
+
+    def use_kernel(self, fraction: float) -> bool:
+        return self.kernel_time(fraction) < self.dense
+
+    @property
+    def crossover(self) -> float:
+        """The fraction of weight bytes read above which the dense GEMMs are faster."""
+        span = self.kernel_full - self.kernel_fixed
+        return 1.0 if span <= 0 else min(1.0, max(0.0, (self.dense - self.kernel_fixed) / span))
+
+
+def _time_graph(fn, repeats: int = 7) -> float:
+    """Median seconds of one replay of ``fn`` captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_dense_rule(path: DecodePath, batch: int) -> DenseRule:
+    """Time every layer's MLP once for ``batch`` random rows: kernel with infinite
+    thresholds (reads nothing), kernel with zero thresholds (reads everything), dense."""
+    cfg, dev = path.cfg, path.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(batch, cfg.hidden_size, device=dev, generator=gen).to(path.dtype)
+    counts = torch.zeros(cfg.num_layers, 2, dtype=torch.int32, device=dev)
+    zero = torch.zeros(batch, 2, device=dev)
+    inf = torch.full((batch, 2), float("inf"), device=dev)
+
+    def run(variant: str, thr: torch.Tensor):
+        return lambda: [path._mlp(i, x, thr, variant, counts) for i in range(cfg.num_layers)]
+
+    return DenseRule(kernel_fixed=_time_graph(run("kernel", inf)), kernel_full=_time_graph(run("kernel", zero)),
+                     dense=_time_graph(run("dense", zero)))
 
 
 class CudaGraphDecode:
-    """``step(tokens [B], position [B], thresholds [L, B, 2]) -> (logits, entropy,
-    logsumexp)``, replaying one captured graph. Outputs are static buffers: read them
-    before the next step."""
+    """One batch shape of a :class:`DecodePath`: ``step(tokens [B], position [B],
+    thresholds [L, B, 2]) -> (logits, entropy, logsumexp)`` replays a captured graph.
+    Outputs are static buffers: read them before the next step.
 
-    def __init__(self, model: Decoder, batch: int, max_len: int, k_caches: list[torch.Tensor],
-                 v_caches: list[torch.Tensor], use_kernels: bool = True, compile: bool = False,
-                 fused_attention: bool = True):
-        """``use_kernels``: route the MLPs' decode steps through the SparseMLP CUDA
-        kernel (False keeps the model's MLP routing as it is, e.g. a benchmark's dense
-        baseline). ``compile``: torch.compile the step before capture (fuses the small
-        elementwise kernels of each layer; the kernels stay opaque custom ops).
-        ``fused_attention``: one q/k/v GEMV and the fused decode attention kernel where
-        the model's shape allows (False keeps the model's attention routing as it is)."""
-        dev = k_caches[0].device
-        if dev.type != "cuda":
-            raise ValueError("CudaGraphDecode needs the model and caches on a CUDA device")
-        self.model = model
-        for layer in model.layers:
-            layer.self_attn.inplace_cache = True
-        if use_kernels:
-            use_decode_kernels(model, attention=False)
-        if fused_attention:
-            use_decode_attention(model)
-        self.k, self.v = k_caches, v_caches
-        L = model.cfg.num_layers
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    ``mlp``: ``"auto"`` (kernel or dense per step, the rule above; needs the dense
+    fallback), or one of :data:`MLP_VARIANTS` for every step. ``compile``: torch.compile the
+    step before capture (fuses the small elementwise kernels; the CUDA kernels stay opaque
+    custom ops)."""
+
+    def __init__(self, path: DecodePath, batch: int, max_len: int, mlp: str = "auto", compile: bool = False):
+        if mlp != "auto" and mlp not in MLP_VARIANTS:
+            raise ValueError(f"mlp must be 'auto' or one of {MLP_VARIANTS}, got {mlp!r}")
+        if mlp == "auto" and not path.dense_fallback:
+            mlp = "kernel"
+        cfg, dev = path.cfg, path.device
+        self.path, self.batch, self.max_len, self.mlp = path, batch, max_len, mlp
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=path.dtype, device=dev) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=path.dtype, device=dev) for _ in range(cfg.num_layers)]
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.position = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.thresholds = torch.zeros(L, batch, 2, dtype=torch.float32, device=dev)
-        self._step_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
-        # warm up on a side stream (kernels load, workspaces allocate, compilation runs),
-        # then capture
+        self.thresholds = torch.zeros(cfg.num_layers, batch, 2, dtype=torch.float32, device=dev)
+        self.row_counts = torch.zeros(cfg.num_layers, 2, dtype=torch.int32, device=dev)
+        self._compile = compile
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.rule = measure_dense_rule(path, batch) if mlp == "auto" else None
+        for variant in (("kernel", "dense") if mlp == "auto" else (mlp,)):
+            self._capture(variant)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the caches and forget the measured sparsity (a new generation)."""
+        for t in (*self.k, *self.v):
+            t.zero_()
+        self._fraction: float | None = None
+        self._since_kernel = 0
+        self._counts_pending = False
+        self.fractions: list[float] = []
+        """Per kernel step, the fraction of MLP weight bytes read (union over the batch)."""
+        self.variants: list[str] = []
+        """The MLP variant each step ran."""
+
+    def _capture(self, variant: str) -> None:
+        def forward():
+            if variant == "kernel":
+                self.row_counts.zero_()
+            return self.path.step(self.tokens, self.position, self.k, self.v, self.thresholds, variant,
+                                  self.row_counts)
+
+        fn = torch.compile(forward, dynamic=False) if self._compile else forward
+        dev = self.path.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):
-                self._step_fn()
+            for _ in range(3):  # kernels load, workspaces allocate, compilation runs
+                fn()
         torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits, self.entropy, self.logsumexp = self._step_fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+            outputs = fn()
+        self._graphs[variant] = (graph, outputs)
 
-    def _forward(self):
-        out = self.model(self.tokens, self.position[:, None], self.k, self.v, self.thresholds)
-        entropy, lse = cognitive_signals(out.logits)
-        return out.logits, entropy, lse
+    def _read_counts(self) -> None:
+        cfg = self.path.cfg
+        c = self.row_counts.cpu().double()
+        per_layer = (2 * c[:, 0] / cfg.hidden_size + c[:, 1] / cfg.intermediate_size) / 3
+        self._fraction = float(per_layer.mean())
+        self.fractions.append(self._fraction)
+        self._counts_pending = False
+
+    def choose(self) -> str:
+        """The MLP variant the next step runs."""
+        if self.mlp != "auto":
+            return self.mlp
+        if self._fraction is None or self._since_kernel >= PROBE_EVERY:
+            return "kernel"
+        return "kernel" if self.rule.use_kernel(self._fraction) else "dense"
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, thresholds: torch.Tensor):
-        self.tokens.copy_(tokens.reshape(-1, 1), non_blocking=True)
+        if self._counts_pending:
+            self._read_counts()
+        variant = self.choose()
+        self.tokens.copy_(tokens.reshape(-1), non_blocking=True)
         self.position.copy_(position, non_blocking=True)
         self.thresholds.copy_(thresholds, non_blocking=True)
-        self.graph.replay()
-        return self.logits, self.entropy, self.logsumexp
+        graph, outputs = self._graphs[variant]
+        graph.replay()
+        self.variants.append(variant)
+        if variant == "kernel":
+            self._counts_pending, self._since_kernel = True, 0
+        else:
+            self._since_kernel += 1
+        return outputs
+
+    def finish(self) -> None:
+        """Read the last step's row counts (call after the last step of a generation)."""
+        if self._counts_pending:
+            self._read_counts()

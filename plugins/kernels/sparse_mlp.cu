@@ -113,8 +113,8 @@ __device__ __forceinline__ int compact_slot(bool keep, int* s_cnt, int nwarps, i
 template <typename T, int BT>
 __global__ void __launch_bounds__(kS1Threads)
     gateup_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
-                  const float* __restrict__ thr, float* __restrict__ acc1, int B, int H, int I,
-                  int kc) {
+                  const float* __restrict__ thr, float* __restrict__ acc1,
+                  unsigned* __restrict__ row_counts, int B, int H, int I, int kc) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* s_red = reinterpret_cast<float*>(smem_raw);         // [warps][2][kS1Cols]
   float* s_xs = s_red + kS1Warps * 2 * kS1Cols;              // [kc][BT]
@@ -161,6 +161,8 @@ __global__ void __launch_bounds__(kS1Threads)
     }
   }
   __syncthreads();
+  // The first column tile counts its hidden slice's kept rows (all tiles compact the same).
+  if (row_counts != nullptr && blockIdx.x == 0 && tid == 0 && n > 0) atomicAdd(row_counts, (unsigned)n);
   if (n == 0) return;  // nothing to add: the accumulators keep their value
 
   // 2. Stream the needed rows: warp w takes entries w, w+8, ...; lane covers 8 columns.
@@ -238,8 +240,8 @@ __global__ void __launch_bounds__(kS1Threads)
 template <typename T, int BT, int VPT>
 __global__ void __launch_bounds__(kS2MaxThreads)
     down_kernel(float* __restrict__ acc1, const T* __restrict__ wd, const float* __restrict__ thr,
-                float* __restrict__ acc2, unsigned* __restrict__ counter, T* __restrict__ y, int B,
-                int H, int I, int jc, int act) {
+                float* __restrict__ acc2, unsigned* __restrict__ counter, T* __restrict__ y,
+                unsigned* __restrict__ row_counts, int B, int H, int I, int jc, int act) {
   constexpr int kS2Unroll = s2_unroll<BT, VPT>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* s_hs = reinterpret_cast<float*>(smem_raw);              // [jc][BT]
@@ -288,6 +290,7 @@ __global__ void __launch_bounds__(kS2MaxThreads)
     }
   }
   __syncthreads();
+  if (row_counts != nullptr && tid == 0 && n > 0) atomicAdd(row_counts + 1, (unsigned)n);
 
   // 2. Stream the needed rows of W_down_t: the block reads whole contiguous rows.
   if (n > 0) {
@@ -368,6 +371,46 @@ __global__ void __launch_bounds__(kS2MaxThreads)
   if (tid == 0) *counter = 0u;
 }
 
+// ---------------------------------------------------------------- dense-GEMM path
+// The same op around dense GEMMs (the runtime's fallback where the kernel above would read
+// nearly every row): x_s = x * (|x| > t_in[b]) before the gate/up GEMM, and
+// h_s = act(g) * u * (|act(g) * u| > t_mid[b]) between the GEMMs, each one elementwise
+// launch (what the plain dense MLP spends on act(g) * u alone).
+template <typename T>
+__global__ void mask_input_kernel(const T* __restrict__ x, const float* __restrict__ thr, T* __restrict__ y,
+                                  int n) {
+  const int b = blockIdx.y;
+  const float t = __ldg(thr + 2 * b);
+  const size_t base = (size_t)b * n;
+  for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += gridDim.x * blockDim.x * 8) {
+    float f[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(x + base + i), f);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) f[c] = fabsf(f[c]) > t ? f[c] : 0.0f;  // NaN dropped, as in the op
+    *reinterpret_cast<uint4*>(y + base + i) = clada::pack8<T>(f);
+  }
+}
+
+template <typename T>
+__global__ void gate_mask_kernel(const T* __restrict__ gu, const float* __restrict__ thr, T* __restrict__ h,
+                                 int inter, int act) {
+  const int b = blockIdx.y;
+  const float t = __ldg(thr + 2 * b + 1);
+  const T* g = gu + (size_t)b * 2 * inter;
+  const T* u = g + inter;
+  for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * 8; i < inter; i += gridDim.x * blockDim.x * 8) {
+    float fg[8], fu[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(g + i), fg);
+    unpack8<T>(*reinterpret_cast<const uint4*>(u + i), fu);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const float v = activation(fg[c], act) * fu[c];
+      fg[c] = fabsf(v) > t ? v : 0.0f;
+    }
+    *reinterpret_cast<uint4*>(h + (size_t)b * inter + i) = clada::pack8<T>(fg);
+  }
+}
+
 // ---------------------------------------------------------------- host side
 constexpr size_t kCtrlBytes = 256;
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -402,7 +445,7 @@ int sm_count() {
 
 template <typename T, int BT, int VPT>
 int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, const float* thr,
-                 void* y, int B, int H, int I, int act, char* ws,
+                 void* y, int B, int H, int I, int act, char* ws, unsigned* row_counts,
                  const clada_sparse_mlp_config* cfg, cudaStream_t stream) {
   const WorkspaceLayout l = layout(B, H, I);
   float* acc1 = reinterpret_cast<float*>(ws + l.acc1);
@@ -443,7 +486,7 @@ int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, 
 
   gateup_kernel<T, BT><<<dim3(ntiles, splits), kS1Threads, smem1, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(wg), static_cast<const T*>(wu), thr, acc1,
-      B, H, I, kc);
+      row_counts, B, H, I, kc);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return (int)err;
   cudaLaunchConfig_t lc = {};
@@ -458,19 +501,20 @@ int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, 
   lc.attrs = pdl ? attr : nullptr;
   lc.numAttrs = pdl ? 1 : 0;
   err = cudaLaunchKernelEx(&lc, down_kernel<T, BT, VPT>, acc1, static_cast<const T*>(wd), thr,
-                           acc2, counter, static_cast<T*>(y), B, H, I, jc, act);
+                           acc2, counter, static_cast<T*>(y), row_counts, B, H, I, jc, act);
   if (err != cudaSuccess) return (int)err;
   return (int)cudaGetLastError();
 }
 
 template <typename T>
 int launch_dtype(const void* x, const void* wg, const void* wu, const void* wd, const float* thr,
-                 void* y, int B, int H, int I, int act, char* ws,
+                 void* y, int B, int H, int I, int act, char* ws, unsigned* row_counts,
                  const clada_sparse_mlp_config* cfg, cudaStream_t stream) {
   const bool two = (H / 8) > kS2MaxThreads;  // 16 columns per thread in stage 2
+  unsigned* rc = row_counts;
 #define CLADA_LAUNCH(BT)                                                                      \
-  return two ? launch_typed<T, BT, 2>(x, wg, wu, wd, thr, y, B, H, I, act, ws, cfg, stream) \
-             : launch_typed<T, BT, 1>(x, wg, wu, wd, thr, y, B, H, I, act, ws, cfg, stream)
+  return two ? launch_typed<T, BT, 2>(x, wg, wu, wd, thr, y, B, H, I, act, ws, rc, cfg, stream) \
+             : launch_typed<T, BT, 1>(x, wg, wu, wd, thr, y, B, H, I, act, ws, rc, cfg, stream)
   if (B <= 1) CLADA_LAUNCH(1);
   if (B <= 2) CLADA_LAUNCH(2);
   if (B <= 4) CLADA_LAUNCH(4);
@@ -493,6 +537,14 @@ int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* w_up_t, co
                      const float* thresholds, void* y, int batch, int hidden, int inter, int dtype,
                      int act, void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
                      const clada_sparse_mlp_config* config, cudaStream_t stream) {
+  return clada_sparse_mlp_counted(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden, inter, dtype, act,
+                                  workspace, workspace_bytes, workspace_is_zeroed, nullptr, config, stream);
+}
+
+int clada_sparse_mlp_counted(const void* x, const void* w_gate_t, const void* w_up_t, const void* w_down_t,
+                             const float* thresholds, void* y, int batch, int hidden, int inter, int dtype,
+                             int act, void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
+                             unsigned* row_counts, const clada_sparse_mlp_config* config, cudaStream_t stream) {
   if (batch < 1 || batch > CLADA_SPARSE_MLP_MAX_BATCH) return (int)cudaErrorInvalidValue;
   if (hidden < 8 || inter < 8 || hidden % 8 != 0 || inter % 8 != 0)
     return (int)cudaErrorInvalidValue;
@@ -510,11 +562,44 @@ int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* w_up_t, co
   char* ws = static_cast<char*>(workspace);
   if (dtype == CLADA_DTYPE_BF16)
     return launch_dtype<__nv_bfloat16>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden,
-                                       inter, act, ws, config, stream);
+                                       inter, act, ws, row_counts, config, stream);
   if (dtype == CLADA_DTYPE_F16)
     return launch_dtype<__half>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden, inter,
-                                act, ws, config, stream);
+                                act, ws, row_counts, config, stream);
   return (int)cudaErrorInvalidValue;
+}
+
+int clada_mask_input(const void* x, const float* thresholds, void* y, int batch, int n, int dtype,
+                     cudaStream_t stream) {
+  if (batch < 1 || n < 8 || n % 8 != 0 || !x || !thresholds || !y || !aligned16(x) || !aligned16(y))
+    return (int)cudaErrorInvalidValue;
+  const dim3 grid(min(cdiv(n, 8 * 256), 64), batch);
+  if (dtype == CLADA_DTYPE_BF16)
+    mask_input_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), thresholds,
+                                                               static_cast<__nv_bfloat16*>(y), n);
+  else if (dtype == CLADA_DTYPE_F16)
+    mask_input_kernel<__half><<<grid, 256, 0, stream>>>(static_cast<const __half*>(x), thresholds,
+                                                        static_cast<__half*>(y), n);
+  else
+    return (int)cudaErrorInvalidValue;
+  return (int)cudaGetLastError();
+}
+
+int clada_gate_mask(const void* gate_up, const float* thresholds, void* h, int batch, int inter, int dtype, int act,
+                    cudaStream_t stream) {
+  if (batch < 1 || inter < 8 || inter % 8 != 0 || !gate_up || !thresholds || !h || !aligned16(gate_up) ||
+      !aligned16(h) || act < CLADA_ACT_SILU || act > CLADA_ACT_GELU)
+    return (int)cudaErrorInvalidValue;
+  const dim3 grid(min(cdiv(inter, 8 * 256), 64), batch);
+  if (dtype == CLADA_DTYPE_BF16)
+    gate_mask_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(gate_up),
+                                                              thresholds, static_cast<__nv_bfloat16*>(h), inter, act);
+  else if (dtype == CLADA_DTYPE_F16)
+    gate_mask_kernel<__half><<<grid, 256, 0, stream>>>(static_cast<const __half*>(gate_up), thresholds,
+                                                       static_cast<__half*>(h), inter, act);
+  else
+    return (int)cudaErrorInvalidValue;
+  return (int)cudaGetLastError();
 }
 
 const char* clada_error_string(int status) { return cudaGetErrorString((cudaError_t)status); }

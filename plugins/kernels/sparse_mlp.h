@@ -34,8 +34,9 @@ extern "C" {
 #endif
 
 /* Version of the library's whole C ABI (this header and decode_attention.h); 2 added
- * clada_decode_attention, 3 removed CLADA_FLAG_FUSED (2), now an unknown flag. */
-#define CLADA_KERNELS_ABI_VERSION 3
+ * clada_decode_attention, 3 removed CLADA_FLAG_FUSED (2), now an unknown flag, 4 added
+ * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask. */
+#define CLADA_KERNELS_ABI_VERSION 4
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 
@@ -75,6 +76,27 @@ CLADA_API int clada_sparse_mlp(const void* x, const void* w_gate_t, const void* 
                                int batch, int hidden, int inter, int dtype, int act,
                                void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
                                const clada_sparse_mlp_config* config, cudaStream_t stream);
+
+/* clada_sparse_mlp that also counts the weight rows it read: row_counts[0] += rows of
+ * W_gate_t/W_up_t (input channels any batch row kept), row_counts[1] += rows of W_down_t
+ * (intermediate channels any batch row kept). row_counts: 2 unsigned ints in device memory
+ * that the caller zeroes; NULL counts nothing. The runtime reads them to measure the
+ * sparsity reached and to choose between this kernel and dense GEMMs (docs/gpu.md). */
+CLADA_API int clada_sparse_mlp_counted(const void* x, const void* w_gate_t, const void* w_up_t,
+                                       const void* w_down_t, const float* thresholds, void* y,
+                                       int batch, int hidden, int inter, int dtype, int act,
+                                       void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
+                                       unsigned* row_counts, const clada_sparse_mlp_config* config,
+                                       cudaStream_t stream);
+
+/* The op's two elementwise steps around dense GEMMs (the runtime's dense fallback):
+ * y = x * (|x| > t_in[b]) for x, y [batch, n]; and, for gate_up [batch, 2 * inter] (the gate
+ * GEMM's outputs, then the up GEMM's), h = act(g) * u kept where |h| > t_mid[b], h
+ * [batch, inter]. Thresholds as for clada_sparse_mlp; n and inter multiples of 8. */
+CLADA_API int clada_mask_input(const void* x, const float* thresholds, void* y, int batch, int n, int dtype,
+                               cudaStream_t stream);
+CLADA_API int clada_gate_mask(const void* gate_up, const float* thresholds, void* h, int batch, int inter,
+                              int dtype, int act, cudaStream_t stream);
 
 /* Human-readable text for a status returned above. */
 CLADA_API const char* clada_error_string(int status);

@@ -1,0 +1,131 @@
+"""``clada-export bench``: generation latency, dense vs static vs dynamic (runtime/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from clada_export.errors import UserError
+
+SYNTHETIC_NAMES = ("llama3-8b", "mistral-7b", "qwen2-7b", "qwen2.5-1.5b", "smollm2-135m")  # runtime.bench.SYNTHETIC
+
+
+def add_parsers(sub, _add_model_arg) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmark generation latency: dense vs static vs dynamic thresholds",
+        description="Time generation on an export (its checkpoint and profile) or on a synthetic model shape "
+                    "with random weights: time to first token, per-token latency p50/p90/p99, tokens/s, speedup "
+                    "over dense, MLP sparsity reached, controller overhead. On a GPU it runs the cuda backend; "
+                    "on a CPU the onnxruntime and torch backends. Writes bench.md, bench.json and bench.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("export_dir", nargs="?", metavar="OUT", help="directory written by `clada-export export`")
+    p.add_argument("--synthetic", choices=SYNTHETIC_NAMES,
+                   help="a published model shape with random bf16 weights and a profile recorded on random tokens "
+                        "(GPU only), instead of an export")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target byte sparsity of the synthetic profile")
+    p.add_argument("--backends", nargs="+", choices=("cuda", "torch", "onnxruntime"), default=None,
+                   help="default: cuda on a GPU, else onnxruntime and torch")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per case (after one warm-up)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="cuda backend dtype")
+    p.add_argument("--compile", action="store_true", help="cuda: torch.compile the decode step before capture")
+    p.add_argument("-o", "--output", default="clada-bench", help="directory for bench.md, bench.json, bench.png")
+    p.set_defaults(func=run_bench_cmd)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if (args.export_dir is None) == (args.synthetic is None):
+        raise UserError("give an export directory or --synthetic NAME (one of them)")
+    if not 0.0 < args.sparsity < 1.0:
+        raise UserError(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    for flag, value, low in (("--prompt-len", args.prompt_len, 1), ("--new-tokens", args.new_tokens, 2),
+                             ("--repeats", args.repeats, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if any(not 1 <= b <= 8 for b in args.batches):
+        raise UserError(f"--batches must be between 1 and 8 (the kernels' decode batch), got {args.batches}")
+
+
+def run_bench_cmd(args: argparse.Namespace) -> None:
+    import torch
+
+    from clada_export.runtime import bench
+
+    _check(args)
+    cuda = torch.cuda.is_available()
+    backends = args.backends or (["cuda"] if cuda else ["onnxruntime", "torch"])
+    if "cuda" in backends and not cuda:
+        raise UserError("--backends cuda needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    if args.synthetic:
+        if not cuda:
+            raise UserError(f"--synthetic {args.synthetic} builds a GPU-sized model; run it on a GPU, or bench an export")
+        if backends != ["cuda"]:
+            raise UserError("--synthetic runs the cuda backend only; drop --backends")
+        factories, profile, model_name, vocab, dtype = _synthetic(args)
+    else:
+        factories, profile, model_name, vocab, dtype = _export(args, backends)
+    device = "cuda" if backends == ["cuda"] else "cpu"
+    result = bench.BenchResult(device=bench.device_name(device), model=model_name, dtype=dtype,
+                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    modes = bench.MODES if profile is not None else ("dense",)
+    if profile is None:
+        print("note: this export has no sparsity profile, so only dense is timed", file=sys.stderr)
+    bench.run_bench(factories, result, profile, args.batches, vocab, modes)
+    paths = result.write(Path(args.output))
+    print(result.markdown())
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+
+
+def _cuda_factory(sparse):
+    """The dense cases run the same weights on cuBLAS with thresholds ignored."""
+    from clada_export.runtime.backends import CudaBackend
+
+    dense = CudaBackend(sparse.model, mlp="plain", compile=sparse.compile, path=sparse.path)
+    return lambda mode: dense if mode == "dense" else sparse
+
+
+def _synthetic(args: argparse.Namespace):
+    import torch
+
+    from clada_export.runtime import bench
+
+    cfg, theta = bench.SYNTHETIC[args.synthetic]
+    model = bench.synthetic_model(cfg, theta, getattr(torch, args.dtype), "cuda")
+    profile = bench.synthetic_profile(model, args.sparsity)
+    note = f"{args.synthetic} shape, random weights, profile on random tokens at {args.sparsity:.0%}"
+    from clada_export.runtime.backends import CudaBackend
+
+    return {"cuda": _cuda_factory(CudaBackend(model, compile=args.compile))}, profile, note, cfg.vocab_size, args.dtype
+
+
+def _export(args: argparse.Namespace, backends: list[str]):
+    from clada_export.export.onnx_export import read_manifest
+    from clada_export.model.loading import load_decoder
+    from clada_export.profile import SparsityProfile
+    from clada_export.runtime.backends import OnnxRuntimeBackend, TorchBackend, open_cuda_backend
+
+    export_dir = Path(args.export_dir)
+    manifest = read_manifest(export_dir)
+    profile_path = export_dir / "profile.json"
+    profile = SparsityProfile.load(profile_path) if profile_path.is_file() else None
+    source = manifest.get("source")
+    factories = {}
+    for name in backends:
+        if name == "onnxruntime":
+            ort = OnnxRuntimeBackend(export_dir)
+            factories[name] = lambda mode, b=ort: b
+            continue
+        if not source or not Path(source).is_dir():
+            raise UserError(f"--backends {name} loads the checkpoint this export came from ({source}), which is not "
+                            "there any more; use --backends onnxruntime or re-export")
+        if name == "torch":
+            model, _ = load_decoder(Path(source))
+            torch_backend = TorchBackend(model, "cpu")
+            factories[name] = lambda mode, b=torch_backend: b
+        else:
+            factories[name] = _cuda_factory(open_cuda_backend(Path(source), dtype=args.dtype, compile=args.compile))
+    dtype = args.dtype if backends == ["cuda"] else f"{manifest.get('dtype', 'float32')} (cpu)"
+    return factories, profile, f"export {export_dir.name}", manifest["config"]["vocab_size"], dtype

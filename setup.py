@@ -1,0 +1,124 @@
+"""Build hook: compile the CUDA kernel library (plugins/kernels) with CMake during the install.
+
+``pip install .`` (or a wheel build) puts ``libclada_kernels.so`` into the package as
+``clada_export/lib/libclada_kernels.so``; ``pip install -e .`` writes it there in the source
+tree. Where nvcc or cmake is missing the install still succeeds without the library, and the
+GPU commands say how to build it (``clada_export/ops/native.py``).
+
+Environment:
+  CLADA_CUDA_ARCHS   CMake CUDA architectures (default: the compute capability nvidia-smi
+                     reports, else ``90-real``, i.e. Hopper only; e.g. "80-real;90-real;90-virtual")
+  CLADA_BUILD_KERNELS  ``0`` skips the build; ``1`` makes a failed or impossible build an error
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Command, Distribution, setup
+from setuptools.command.build import build
+
+ROOT = Path(__file__).resolve().parent
+LIB_NAME = "libclada_kernels.so"
+PACKAGE_LIB = Path("clada_export") / "lib"
+
+
+def find_nvcc() -> str | None:
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def default_archs() -> str:
+    """The local GPU's architecture when nvidia-smi answers, else Hopper (sm_90)."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            caps = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=20).stdout.split()
+            archs = sorted({c.replace(".", "") + "-real" for c in caps if c.replace(".", "").isdigit()})
+            if archs:
+                return ";".join(archs)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "90-real"
+
+
+class build_kernels(Command):
+    """Configure and build plugins/ with CMake, then copy libclada_kernels.so into the package."""
+
+    description = "build libclada_kernels.so (CUDA) into clada_export/lib"
+    user_options: list = []
+
+    def initialize_options(self) -> None:
+        self.build_lib = None
+        self.build_temp = None
+        self.editable_mode = False
+
+    def finalize_options(self) -> None:
+        self.set_undefined_options("build", ("build_lib", "build_lib"), ("build_temp", "build_temp"))
+
+    def _target(self) -> Path:
+        # editable installs import the package from the source tree: the library goes there
+        return (ROOT if self.editable_mode else Path(self.build_lib)) / PACKAGE_LIB / LIB_NAME
+
+    def run(self) -> None:
+        mode = os.environ.get("CLADA_BUILD_KERNELS", "")
+        if mode == "0":
+            return
+        nvcc, cmake = find_nvcc(), shutil.which("cmake")
+        if nvcc is None or cmake is None:
+            missing = "nvcc" if nvcc is None else "cmake"
+            if mode == "1":
+                raise SystemExit(f"CLADA_BUILD_KERNELS=1 but {missing} was not found")
+            print(f"clada-export: {missing} not found, installing without the CUDA kernel library "
+                  "(the CPU backends work; see docs/gpu.md to build it)", file=sys.stderr)
+            return
+        build_dir = Path(self.build_temp).resolve() / "clada_kernels"
+        archs = os.environ.get("CLADA_CUDA_ARCHS") or default_archs()
+        configure = [cmake, "-S", str(ROOT / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     "-DCLADA_KERNELS_ONLY=ON"]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        print(f"clada-export: building {LIB_NAME} for CUDA architectures {archs}", file=sys.stderr)
+        try:
+            subprocess.run(configure, check=True)
+            subprocess.run([cmake, "--build", str(build_dir), "--target", "clada_kernels", "-j",
+                            str(os.cpu_count() or 2)], check=True)
+        except subprocess.CalledProcessError as exc:
+            if mode == "1":
+                raise
+            print(f"clada-export: building {LIB_NAME} failed ({exc}); installing without it", file=sys.stderr)
+            return
+        target = self._target()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build_dir / LIB_NAME, target)
+
+    def get_outputs(self) -> list[str]:
+        return [str(self._target())] if self._target().is_file() else []
+
+    def get_output_mapping(self) -> dict[str, str]:
+        return {}
+
+    def get_source_files(self) -> list[str]:
+        return []
+
+
+class build_with_kernels(build):
+    sub_commands = [*build.sub_commands, ("build_kernels", None)]
+
+
+class BinaryDistribution(Distribution):
+    """With the CUDA library inside, the wheel is platform-specific (not py3-none-any)."""
+
+    def has_ext_modules(self) -> bool:
+        return os.environ.get("CLADA_BUILD_KERNELS") != "0" and find_nvcc() is not None
+
+
+setup(cmdclass={"build": build_with_kernels, "build_kernels": build_kernels}, distclass=BinaryDistribution)
