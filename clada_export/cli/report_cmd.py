@@ -33,6 +33,8 @@ def add_parsers(sub, add_model_arg) -> None:
     p.add_argument("--ppl-windows", type=int, default=8, help="held-out perplexity windows (default 8)")
     p.add_argument("--ppl-window", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens for the tables (default 4096)")
+    p.add_argument("--heldout-tokens", type=int, default=512,
+                   help="held-out calibration tokens for the KL probes (default 512)")
     p.add_argument("--render-only", action="store_true", help="only render the report from saved results")
     p.set_defaults(func=run_report)
 
@@ -48,7 +50,7 @@ def run_report(args: argparse.Namespace) -> None:
                                  levels=list(args.levels),
                                  methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                                  ppl_windows=args.ppl_windows, ppl_window=args.ppl_window,
-                                 calib_tokens=args.calib_tokens)
+                                 calib_tokens=args.calib_tokens, heldout_tokens=args.heldout_tokens)
         settings.validate()
         t0 = time.perf_counter()
         run_sweep(settings, out)

@@ -78,6 +78,15 @@ def _calibration(model, tokenizer, hf_config, settings: SweepSettings, out: Path
     cdir.mkdir(parents=True, exist_ok=True)
     paths = {lv: cdir / f"profile-{lv:.2f}.json" for lv in settings.levels}
     teal_path = cdir / "teal.json"
+    made_with = {"calib_tokens": settings.calib_tokens, "heldout_tokens": settings.heldout_tokens}
+    for p in [*paths.values(), teal_path]:  # a calibration made with other settings is redone
+        try:
+            d = json.loads(p.read_text())
+            ok = (d.get("sweep_calibration") or d.get("calibration", {}).get("sweep_calibration")) == made_with
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if p.exists() and not ok:
+            p.unlink()
     need_teal = "teal" in settings.methods and not teal_path.is_file()
     if not all(p.is_file() for p in paths.values()) or need_teal:
         table_w, heldout_w, source = calibration_windows(tokenizer, None, settings.calib_tokens,
@@ -87,7 +96,7 @@ def _calibration(model, tokenizer, hf_config, settings: SweepSettings, out: Path
             for lv, p in paths.items():
                 if not p.is_file():
                     make_profile(cal, hf_config, target=lv, progress=progress,
-                                 extra={"calibration_text": source}).save(p)
+                                 extra={"calibration_text": source, "sweep_calibration": made_with}).save(p)
         if need_teal:
             cal = calibration_from_profile(SparsityProfile.load(paths[settings.levels[0]]))
             xs = collect_mlp_inputs(model, table_w[:8])
@@ -100,7 +109,7 @@ def _calibration(model, tokenizer, hf_config, settings: SweepSettings, out: Path
 
             lookup = teal_lookup(model, xs, thresholds_of, max_byte=max(settings.levels) + 0.05, progress=progress)
             write_json(teal_path, {"lookup": lookup.to_dict(), "mlp_input_rows": int(xs[0].shape[0]),
-                                   "calibration_text": source})
+                                   "calibration_text": source, "sweep_calibration": made_with})
     profiles = {lv: SparsityProfile.load(p) for lv, p in paths.items()}
     teal = TealLookup.from_dict(json.loads(teal_path.read_text())["lookup"]) if teal_path.is_file() else None
     return profiles, teal
