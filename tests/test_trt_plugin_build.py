@@ -123,6 +123,12 @@ print("creator ok")
 """
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _tensorrt_module() -> str | None:
     for name in ("tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx"):
         if importlib.util.find_spec(name) is not None:
@@ -132,7 +138,7 @@ def _tensorrt_module() -> str | None:
 
 def test_runner_compiles_and_needs_one_libnvinfer_symbol(tmp_path):
     """clada_run (runtime/examples): compiled against the headers (linked too where libnvinfer
-    is found). Everything it calls in TensorRT goes through the interfaces' virtual tables
+    is found), and its loop run against a stand-in engine session where a GPU is. Everything it calls in TensorRT goes through the interfaces' virtual tables
     except the runtime's factory, so the object must need exactly one libnvinfer symbol,
     ``createInferRuntime_INTERNAL``, which NvInferRuntime.h declares as the library's export."""
     if not Path("/usr/include/nlohmann/json.hpp").is_file() and not os.environ.get("nlohmann_json_DIR"):
@@ -152,6 +158,11 @@ def test_runner_compiles_and_needs_one_libnvinfer_symbol(tmp_path):
     assert not ours, "\n".join(ours)
     objects = list(build.rglob("clada_run.cpp.o"))
     assert len(objects) == 1, sorted(p.name for p in build.rglob("*"))
+    loop_test = build / "clada_run_loop_test"
+    assert loop_test.is_file()
+    if _has_gpu():  # the loop against a stand-in engine session (runtime/examples/test_loop.cpp)
+        run = _run([str(loop_test), str(REPO / "tests" / "data" / "controller")], env, 120)
+        assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
     nm = shutil.which("nm")
     if nm is None:
         return

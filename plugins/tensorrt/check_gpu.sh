@@ -4,7 +4,8 @@
 # (include/NvInfer.h) for this machine's GPU, then runs the check with --gpu: the host
 # checks (creator, fields, formats, shapes, workspace, serialization) and enqueue against a
 # host reference (fp16 and bf16, decode and chunked prefill shapes, Llama-3-8B's MLP).
-# Also compiles the C++ runner (runtime/examples, compile only: no libnvinfer needed).
+# Also compiles the C++ runner (runtime/examples, compile only: no libnvinfer needed) and runs
+# its loop against a stand-in engine session (clada_run_loop_test).
 #   TENSORRT_ROOT=/path/to/tensorrt bash plugins/tensorrt/check_gpu.sh
 # BUILD (default /tmp/clada_trt_check) holds the build. Exit code: 0 only if all passed.
 set -euo pipefail
@@ -28,4 +29,8 @@ cmake -S runtime/examples -B "$BUILD/examples" "${GENERATOR[@]}" -DTENSORRT_ROOT
   -DCLADA_RUN_COMPILE_ONLY=ON | grep "clada_run"
 cmake --build "$BUILD/examples" >"$BUILD.examples.log" || { tail -40 "$BUILD.examples.log"; exit 1; }
 # skipped (the reason printed above) where a dependency such as nlohmann/json is missing
-if compgen -G "$BUILD/examples/CMakeFiles/clada_run.dir/*.o" >/dev/null; then echo "clada_run compiled"; fi
+if compgen -G "$BUILD/examples/CMakeFiles/clada_run.dir/*.o" >/dev/null; then
+  echo "clada_run compiled"
+  echo "== clada_run's loop against a stand-in engine session (no TensorRT runs)"
+  "$BUILD/examples/clada_run_loop_test" tests/data/controller
+fi

@@ -43,51 +43,6 @@ struct Options {
   bool dense = false, static_thresholds = false;
 };
 
-const char* kUsage =
-    "usage: clada_run OUT [--ids FILE] [--max-new-tokens N] [--eos ID]... [--plugin LIB] [--static | --dense]";
-
-Options parse(int argc, char** argv) {
-  Options o;
-  std::vector<std::string> a(argv + 1, argv + argc);
-  auto value = [&](std::size_t& i) -> const std::string& {
-    if (i + 1 >= a.size()) throw std::invalid_argument(a[i] + " needs a value; " + kUsage);
-    return a[++i];
-  };
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (a[i] == "--ids") o.ids_file = value(i);
-    else if (a[i] == "--max-new-tokens") o.max_new_tokens = std::stoi(value(i));
-    else if (a[i] == "--eos") o.eos.insert(std::stoll(value(i)));
-    else if (a[i] == "--plugin") o.plugin = value(i);
-    else if (a[i] == "--dense") o.dense = true;
-    else if (a[i] == "--static") o.static_thresholds = true;
-    else if (a[i] == "-h" || a[i] == "--help") { std::cout << kUsage << "\n"; std::exit(0); }
-    else if (!a[i].empty() && a[i][0] == '-') throw std::invalid_argument("unknown option " + a[i] + "; " + kUsage);
-    else if (o.export_dir.empty()) o.export_dir = a[i];
-    else throw std::invalid_argument("one export directory only; " + std::string(kUsage));
-  }
-  if (o.export_dir.empty()) throw std::invalid_argument(kUsage);
-  if (o.max_new_tokens < 1) throw std::invalid_argument("--max-new-tokens must be >= 1");
-  if (o.plugin.empty() && std::getenv("CLADA_TRT_PLUGIN")) o.plugin = std::getenv("CLADA_TRT_PLUGIN");
-  return o;
-}
-
-std::vector<std::vector<int64_t>> read_prompts(std::istream& in) {
-  std::vector<std::vector<int64_t>> prompts;
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream ids(line);
-    std::vector<int64_t> p;
-    for (std::string tok; ids >> tok;) {
-      std::size_t used = 0;
-      p.push_back(std::stoll(tok, &used));
-      if (used != tok.size()) throw std::invalid_argument("not a token id: " + tok);
-    }
-    if (!p.empty()) prompts.push_back(std::move(p));
-  }
-  if (prompts.empty()) throw std::invalid_argument("no prompt: give token ids, one prompt per line");
-  return prompts;
-}
-
 std::string past_key(int i) { return "past_key." + std::to_string(i); }
 std::string past_value(int i) { return "past_value." + std::to_string(i); }
 std::string present_key(int i) { return "present_key." + std::to_string(i); }
@@ -96,29 +51,19 @@ std::string present_value(int i) { return "present_value." + std::to_string(i); 
 bool file_exists(const std::string& path) { return std::ifstream(path).good(); }
 
 // The [lo, hi] range both engines accept for dimension `dim` of input `name`.
-std::pair<int64_t, int64_t> common_range(const EngineSession& a, const EngineSession& b, const std::string& name,
-                                         int dim) {
+template <class Session>
+std::pair<int64_t, int64_t> common_range(const Session& a, const Session& b, const std::string& name, int dim) {
   return {std::max(a.profile(name, OptProfileSelector::kMIN)[dim], b.profile(name, OptProfileSelector::kMIN)[dim]),
           std::min(a.profile(name, OptProfileSelector::kMAX)[dim], b.profile(name, OptProfileSelector::kMAX)[dim])};
 }
 
-int run(const Options& opt) {
-  std::vector<std::vector<int64_t>> prompts;
-  if (opt.ids_file.empty()) {
-    prompts = read_prompts(std::cin);
-  } else {
-    std::ifstream f(opt.ids_file);
-    if (!f) throw std::invalid_argument("cannot open " + opt.ids_file);
-    prompts = read_prompts(f);
-  }
-
-  clada::StderrLogger logger;
-  std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
-  if (!runtime) throw std::runtime_error("could not create the TensorRT runtime");
-  if (!opt.plugin.empty()) clada::load_plugin_library(*runtime, opt.plugin);
-  EngineSession prefill(*runtime, opt.export_dir + "/prefill.engine");
-  EngineSession decode(*runtime, opt.export_dir + "/decode.engine");
-
+// The loop, on two sessions with EngineSession's methods (engine_session.hpp); a template so
+// that a stand-in can drive it in a test (test_loop.cpp). Prints one line of generated ids
+// per prompt to `out` and returns them.
+template <class Session>
+std::vector<std::vector<int64_t>> generate(Session& prefill, Session& decode,
+                                           const std::vector<std::vector<int64_t>>& prompts, const Options& opt,
+                                           std::ostream& out) {
   // Model dimensions, read from the engines: layers from the cache inputs, [B, kv, slots, hd]
   int L = 0;
   while (decode.has(past_key(L))) ++L;
@@ -154,6 +99,7 @@ int run(const Options& opt) {
   // Device buffers: everything the engines read or write, allocated once.
   cudaStream_t stream;
   clada::cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  const std::unique_ptr<CUstream_st, cudaError_t (*)(cudaStream_t)> stream_owner(stream, cudaStreamDestroy);
   DeviceBuffer d_ids(B * T * 8), d_lens(B * 8), d_thr(n_thr * 4), d_tok(B * 8), d_pos(B * 8);
   DeviceBuffer d_logits(B * vocab * 4), d_entropy(B * 4), d_lse(B * 4), d_stats(n_thr * 4);
   std::vector<DeviceBuffer> caches[2];
@@ -161,7 +107,7 @@ int run(const Options& opt) {
     for (int i = 0; i < 2 * L; ++i) set.emplace_back(static_cast<std::size_t>(B * kv * slots * hd) * cache_elem);
   const std::vector<int64_t> cache_shape{B, kv, slots, hd};
 
-  auto bind_common = [&](EngineSession& s) {
+  auto bind_common = [&](Session& s) {
     s.set_input_shape("thresholds", {L, B, 2});
     s.bind("thresholds", d_thr.get());
     for (int i = 0; i < L; ++i) {
@@ -175,7 +121,7 @@ int run(const Options& opt) {
       throw std::runtime_error(s.path() + ": unexpected logits shape");
   };
   int parity = 0;  // caches[parity] is read, caches[1 - parity] written
-  auto run_step = [&](EngineSession& s) {
+  auto run_step = [&](Session& s) {
     for (int i = 0; i < L; ++i) {
       s.bind(past_key(i), caches[parity][2 * i].get());
       s.bind(past_value(i), caches[parity][2 * i + 1].get());
@@ -265,11 +211,10 @@ int run(const Options& opt) {
   }
   clada::cuda_check(cudaStreamSynchronize(stream), "decode");
   const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-  cudaStreamDestroy(stream);
 
   for (const auto& g : generated) {
-    for (std::size_t i = 0; i < g.size(); ++i) std::cout << (i ? " " : "") << g[i];
-    std::cout << "\n";
+    for (std::size_t i = 0; i < g.size(); ++i) out << (i ? " " : "") << g[i];
+    out << "\n";
   }
   std::cerr << "prefill " << prefill_s * 1e3 << " ms, decode " << (decode_s > 0 ? decode_steps * B / decode_s : 0.0)
             << " tokens/s";
@@ -284,6 +229,75 @@ int run(const Options& opt) {
     std::cerr << ", mean MLP sparsity " << mean << ", denser on " << denser << " of " << steps << " steps";
   }
   std::cerr << "\n";
+  return generated;
+}
+
+}  // namespace
+
+#ifndef CLADA_RUN_NO_MAIN
+namespace {
+
+const char* kUsage =
+    "usage: clada_run OUT [--ids FILE] [--max-new-tokens N] [--eos ID]... [--plugin LIB] [--static | --dense]";
+
+Options parse(int argc, char** argv) {
+  Options o;
+  std::vector<std::string> a(argv + 1, argv + argc);
+  auto value = [&](std::size_t& i) -> const std::string& {
+    if (i + 1 >= a.size()) throw std::invalid_argument(a[i] + " needs a value; " + kUsage);
+    return a[++i];
+  };
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == "--ids") o.ids_file = value(i);
+    else if (a[i] == "--max-new-tokens") o.max_new_tokens = std::stoi(value(i));
+    else if (a[i] == "--eos") o.eos.insert(std::stoll(value(i)));
+    else if (a[i] == "--plugin") o.plugin = value(i);
+    else if (a[i] == "--dense") o.dense = true;
+    else if (a[i] == "--static") o.static_thresholds = true;
+    else if (a[i] == "-h" || a[i] == "--help") { std::cout << kUsage << "\n"; std::exit(0); }
+    else if (!a[i].empty() && a[i][0] == '-') throw std::invalid_argument("unknown option " + a[i] + "; " + kUsage);
+    else if (o.export_dir.empty()) o.export_dir = a[i];
+    else throw std::invalid_argument("one export directory only; " + std::string(kUsage));
+  }
+  if (o.export_dir.empty()) throw std::invalid_argument(kUsage);
+  if (o.max_new_tokens < 1) throw std::invalid_argument("--max-new-tokens must be >= 1");
+  if (o.plugin.empty() && std::getenv("CLADA_TRT_PLUGIN")) o.plugin = std::getenv("CLADA_TRT_PLUGIN");
+  return o;
+}
+
+std::vector<std::vector<int64_t>> read_prompts(std::istream& in) {
+  std::vector<std::vector<int64_t>> prompts;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream ids(line);
+    std::vector<int64_t> p;
+    for (std::string tok; ids >> tok;) {
+      std::size_t used = 0;
+      p.push_back(std::stoll(tok, &used));
+      if (used != tok.size()) throw std::invalid_argument("not a token id: " + tok);
+    }
+    if (!p.empty()) prompts.push_back(std::move(p));
+  }
+  if (prompts.empty()) throw std::invalid_argument("no prompt: give token ids, one prompt per line");
+  return prompts;
+}
+
+int run(const Options& opt) {
+  std::vector<std::vector<int64_t>> prompts;
+  if (opt.ids_file.empty()) {
+    prompts = read_prompts(std::cin);
+  } else {
+    std::ifstream f(opt.ids_file);
+    if (!f) throw std::invalid_argument("cannot open " + opt.ids_file);
+    prompts = read_prompts(f);
+  }
+  clada::StderrLogger logger;
+  std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
+  if (!runtime) throw std::runtime_error("could not create the TensorRT runtime");
+  if (!opt.plugin.empty()) clada::load_plugin_library(*runtime, opt.plugin);
+  EngineSession prefill(*runtime, opt.export_dir + "/prefill.engine");
+  EngineSession decode(*runtime, opt.export_dir + "/decode.engine");
+  generate(prefill, decode, prompts, opt, std::cout);
   return 0;
 }
 
@@ -300,3 +314,4 @@ int main(int argc, char** argv) {
     return 1;
   }
 }
+#endif  // CLADA_RUN_NO_MAIN
