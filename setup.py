@@ -22,6 +22,11 @@ from pathlib import Path
 from setuptools import Command, Distribution, setup
 from setuptools.command.build import build
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel  # setuptools >= 70.1
+except ImportError:  # an older setuptools without build isolation: its wheels keep the default tag
+    bdist_wheel = None
+
 ROOT = Path(__file__).resolve().parent
 LIB_NAME = "libclada_kernels.so"
 PACKAGE_LIB = Path("clada_export") / "lib"
@@ -114,6 +119,16 @@ class build_with_kernels(build):
     sub_commands = [*build.sub_commands, ("build_kernels", None)]
 
 
+if bdist_wheel is not None:
+    class bdist_wheel_any_python(bdist_wheel):
+        """The library is loaded with ctypes, not as a Python extension: one wheel per
+        platform (py3-none-linux_x86_64), not per Python version."""
+
+        def get_tag(self) -> tuple[str, str, str]:
+            _, _, platform = super().get_tag()
+            return "py3", "none", platform
+
+
 class BinaryDistribution(Distribution):
     """With the CUDA library inside, the wheel is platform-specific (not py3-none-any)."""
 
@@ -121,4 +136,7 @@ class BinaryDistribution(Distribution):
         return os.environ.get("CLADA_BUILD_KERNELS") != "0" and find_nvcc() is not None
 
 
-setup(cmdclass={"build": build_with_kernels, "build_kernels": build_kernels}, distclass=BinaryDistribution)
+commands = {"build": build_with_kernels, "build_kernels": build_kernels}
+if bdist_wheel is not None:
+    commands["bdist_wheel"] = bdist_wheel_any_python
+setup(cmdclass=commands, distclass=BinaryDistribution)

@@ -13,7 +13,7 @@ from conftest import one_line_error, run_cli
 def test_bench_cpu_writes_tables_json_and_plot(tiny_chat_export, tmp_path, capsys):
     out = tmp_path / "bench"
     code, stdout, err = run_cli(capsys, "bench", tiny_chat_export, "--batches", "1", "2", "--prompt-len", "6",
-                                "--new-tokens", "5", "--repeats", "2", "-o", out, "--backends", "onnxruntime", "torch")
+                                "--new-tokens", "4", "--repeats", "1", "-o", out, "--backends", "onnxruntime", "torch")
     assert code == 0, err
     data = json.loads((out / "bench.json").read_text())
     cases = {(c["backend"], c["batch"], c["mode"]): c for c in data["cases"]}
@@ -57,3 +57,11 @@ def test_synthetic_names_match_the_library():
     from clada_export.runtime.bench import SYNTHETIC
 
     assert SYNTHETIC_NAMES == tuple(SYNTHETIC)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_generate_cuda_backend_without_a_gpu_is_one_line(tiny_chat_export, capsys):
+    code, _, err = run_cli(capsys, "generate", tiny_chat_export, "--backend", "cuda", "--prompt", "w5")
+    assert code == 2
+    line = one_line_error(err)
+    assert "GPU" in line and "--backend torch" in line

@@ -106,12 +106,12 @@ def test_kernel_matches_reference(model, dtype):
 
 
 def test_unknown_flag_is_an_error():
-    """A flag the library does not know (2 was the removed one-launch path) fails the
+    """A flag the library does not know (none is defined since ABI 4) fails the
     call instead of being ignored."""
     hidden, inter = SHAPES["smollm-135m"]
     wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
     x = torch.randn(1, hidden, device="cuda").to(torch.bfloat16)
-    native.set_tuning(flags=2)
+    native.set_tuning(flags=1)
     try:
         with pytest.raises(RuntimeError, match="clada_sparse_mlp failed"):
             run_kernel(x, wg, wu, wd, torch.zeros(1, 2, device="cuda"))

@@ -74,6 +74,8 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     if profile is None:
         print("note: this export has no sparsity profile, so only dense is timed", file=sys.stderr)
     bench.run_bench(factories, result, profile, args.batches, vocab, modes)
+    if "cuda" in factories:
+        bench.dense_bandwidth_note(result, factories["cuda"]("dense").model)
     paths = result.write(Path(args.output))
     print(result.markdown())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

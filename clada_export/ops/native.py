@@ -184,12 +184,10 @@ def _workspace(device: torch.device, key: tuple, nbytes: Callable[[], int]) -> t
 _tuning = _Config()
 
 
-FLAG_PDL = 1  # stage 2 by programmatic dependent launch (sm_90+); off by default
-
-
 def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int = 0) -> None:
-    """Override the launch shapes (0 = automatic) and flags (FLAG_*); for benchmarks and
-    tuning. Applies to later launches (a captured graph keeps the shapes it was captured with)."""
+    """Override the launch shapes (0 = automatic); for benchmarks and tuning. ``flags`` must be
+    0 (none is defined; tests pass others to check they are refused). Applies to later
+    launches (a captured graph keeps the shapes it was captured with)."""
     _tuning.gateup_splits = int(gateup_splits)
     _tuning.down_rows_per_block = int(down_rows_per_block)
     _tuning.flags = int(flags)

@@ -1,7 +1,8 @@
 """SparseMLP in ONNX: the ``clada::SparseMLP`` node, and its function body of standard ops.
 
 The node's inputs are ``(x [B, T, H], w_gate_t [H, I], w_up_t [H, I], w_down_t [I, H],
-thresholds [B, 2])``, its attribute ``activation`` ("silu"), its output ``y [B, T, H]``.
+thresholds [B, 2])``, its output ``y [B, T, H]``; it has no attributes: the activation is
+SiLU, the only one the export supports.
 A model carries the function body (so ONNX Runtime, or any runtime without our plugin,
 inlines and runs it); the TensorRT variant of a graph drops the body, and the TensorRT
 parser binds the node to the SparseMLP plugin by its op type.

@@ -1,8 +1,10 @@
 """The SparseMLP op: the one reference definition of CLADA's thresholded MLP.
 
-Every other implementation (the ONNX function body in ``onnx_function.py``, the CUDA
-kernels in ``plugins/kernels``, the TensorRT plugin) is tested against
-:func:`sparse_mlp_reference`.
+The other implementations are tested against :func:`sparse_mlp_reference`: the ONNX
+function body in ``onnx_function.py`` (through the exported graphs, in
+tests/test_onnx_export.py), and the CUDA kernels in ``plugins/kernels`` with the runtime's
+dense-GEMM form of the op (tests/test_kernels_gpu.py, on a GPU). The TensorRT plugin calls
+the same CUDA kernels.
 
 Weight layout (shared by the torch model, the ONNX initializers and the CUDA kernels):
 ``w_gate_t`` and ``w_up_t`` are ``[hidden, intermediate]`` (input-major: a zero input

@@ -112,6 +112,7 @@ class Case:
     tokens_per_s: float
     sparsity: float
     kernel_steps: float | None = None
+    gpu_ms: float | None = None
     speedup: float = float("nan")
 
 
@@ -147,14 +148,19 @@ class BenchResult:
             "Latency per token is host time between tokens (device step, sampling, controller); speedup is "
             "dense p50 / p50 on the same backend and batch.",
             "",
-            "| backend | B | mode | TTFT ms | p50 ms | p90 ms | p99 ms | tokens/s | speedup | sparsity | kernel steps |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "GPU ms: one replay of the step's CUDA graph alone (cuda backend; the kernel's or the dense graph, "
+            "whichever most steps ran). Kernel steps: share of steps that ran the SparseMLP kernel (docs/gpu.md).",
+            "",
+            "| backend | B | mode | TTFT ms | p50 ms | p90 ms | p99 ms | GPU ms | tokens/s | speedup | sparsity | "
+            "kernel steps |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in self.cases:
             ks = "" if c.kernel_steps is None else f"{c.kernel_steps * 100:.0f}%"
             sp = "" if math.isnan(c.sparsity) else f"{c.sparsity:.3f}"
+            gpu = "" if c.gpu_ms is None else f"{c.gpu_ms:.3f}"
             lines.append(f"| {c.backend} | {c.batch} | {c.mode} | {c.ttft_ms:.2f} | {c.p50_ms:.3f} | {c.p90_ms:.3f} | "
-                         f"{c.p99_ms:.3f} | {c.tokens_per_s:.1f} | {c.speedup:.2f} | {sp} | {ks} |")
+                         f"{c.p99_ms:.3f} | {gpu} | {c.tokens_per_s:.1f} | {c.speedup:.2f} | {sp} | {ks} |")
         overhead = self.controller_overhead()
         if overhead:
             lines += ["", "Controller overhead (dynamic p50 / static p50 - 1): " + ", ".join(
@@ -221,7 +227,7 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
             return controllers[-1]
     gen = Generator(backend, eos_token_ids=(), controller_factory=factory, static_thresholds=static)
     rng = np.random.default_rng(seed)
-    ttft, gaps, tps, chosen, fractions, kernel_share = [], [], [], [], [], []
+    ttft, gaps, tps, chosen, fractions, kernel_share, variants = [], [], [], [], [], [], []
     for r in range(repeats + 1):
         prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()
         stamps: list[float] = []
@@ -241,6 +247,7 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
             fractions += graph.fractions
             if graph.variants:
                 kernel_share.append(graph.variants.count("kernel") / len(graph.variants))
+                variants += graph.variants
     if mode == "dense":
         sparsity = 0.0
     elif fractions:
@@ -249,11 +256,14 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
         sparsity = float(np.mean(chosen)) if chosen else float("nan")
     else:
         sparsity = profile.mean_byte_sparsity()
+    gpu_ms = None
+    if graph is not None and variants:
+        gpu_ms = 1e3 * graph.time_replays(max(set(variants), key=variants.count))
     return Case(backend=name, mode=mode, batch=batch, ttft_ms=1e3 * float(np.median(ttft)),
                 p50_ms=1e3 * _percentile(gaps, 50), p90_ms=1e3 * _percentile(gaps, 90),
                 p99_ms=1e3 * _percentile(gaps, 99), tokens_per_s=float(np.median(tps)),
                 sparsity=sparsity,
-                kernel_steps=float(np.mean(kernel_share)) if kernel_share else None)
+                kernel_steps=float(np.mean(kernel_share)) if kernel_share else None, gpu_ms=gpu_ms)
 
 
 def run_bench(backends: dict[str, Callable[[str], Backend]], result: BenchResult, profile: SparsityProfile | None,
@@ -275,6 +285,40 @@ def run_bench(backends: dict[str, Callable[[str], Backend]], result: BenchResult
         if (c.backend, c.batch) in dense:
             c.speedup = dense[(c.backend, c.batch)] / c.p50_ms
     return result
+
+
+def weight_bytes(model: Decoder) -> int:
+    """Bytes of weights one dense decode step reads: every parameter but the embedding
+    table (only B rows of it are read), which counts once where lm_head shares it."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.cfg.tie_word_embeddings:
+        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def copy_bandwidth(device: str | torch.device = "cuda") -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of 1 GiB."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(10):
+        dst.copy_(src)
+    b.record()
+    b.synchronize()
+    return 2 * src.numel() * 10 / (a.elapsed_time(b) * 1e-3)
+
+
+def dense_bandwidth_note(result: BenchResult, model: Decoder) -> None:
+    """How close the dense GPU step comes to reading its weights at copy bandwidth."""
+    nbytes, bw = weight_bytes(model), copy_bandwidth(model.embed_tokens.weight.device)
+    for c in result.cases:
+        if c.mode == "dense" and c.gpu_ms is not None and c.batch == 1:
+            floor = nbytes / bw
+            result.notes.append(f"dense step, B=1: {c.gpu_ms:.3f} ms on the GPU for {nbytes / 1e9:.2f} GB of weights; "
+                                f"at the copy bandwidth measured in this run ({bw / 1e12:.2f} TB/s) that is "
+                                f"{floor * 1e3:.3f} ms, so the dense step runs at {floor * 1e3 / c.gpu_ms:.0%} of it")
 
 
 def device_name(device: str) -> str:

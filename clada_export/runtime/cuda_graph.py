@@ -298,6 +298,20 @@ class CudaGraphDecode:
             self._since_kernel += 1
         return outputs
 
+    def time_replays(self, variant: str, repeats: int = 20) -> float:
+        """Median seconds of one replay of ``variant``'s graph on its current buffers (the
+        device's share of a step, without the host's; rewrites the last step's cache slot)."""
+        graph, _ = self._graphs[variant]
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e-3)
+        return statistics.median(times)
+
     def finish(self) -> None:
         """Read the last step's row counts (call after the last step of a generation)."""
         if self._counts_pending:

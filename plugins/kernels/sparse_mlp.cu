@@ -58,17 +58,6 @@ __device__ __forceinline__ unsigned lanemask_lt() {
   return m;
 }
 
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait_previous() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ float activation(float g, int act) {
   if (act == CLADA_ACT_SILU) return g / (1.0f + __expf(-g));
   if (act == CLADA_ACT_GELU_TANH) {
@@ -122,9 +111,6 @@ __global__ void __launch_bounds__(kS1Threads)
   __shared__ int s_cnt[kS1Warps];
 
   const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
-  // Let stage 2 be launched now (it waits for this grid's completion before reading
-  // anything): hides its launch latency. A no-op without programmatic launch.
-  pdl_launch_dependents();
   const int col0 = blockIdx.x * kS1Cols;
   const int k0 = blockIdx.y * kc;
   const int k1 = min(H, k0 + kc);
@@ -250,9 +236,6 @@ __global__ void __launch_bounds__(kS2MaxThreads)
   __shared__ bool s_last;
 
   const int tid = threadIdx.x, nthreads = blockDim.x, nwarps = nthreads / kWarp;
-  // With programmatic launch this block may start before stage 1 finished: wait for it
-  // (full completion and memory visibility of the previous grid).
-  pdl_wait_previous();
   const int j0 = blockIdx.x * jc;
   const int j1 = min(I, j0 + jc);
   float s_tmid[BT];  // per thread, loaded together with the acc1 loads below
@@ -428,13 +411,6 @@ WorkspaceLayout layout(int batch, int hidden, int inter) {
   return l;
 }
 
-bool pdl_supported() {
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  return major >= 9;
-}
-
 int sm_count() {
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
@@ -489,20 +465,8 @@ int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, 
       row_counts, B, H, I, kc);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return (int)err;
-  cudaLaunchConfig_t lc = {};
-  lc.gridDim = dim3(nblocks2);
-  lc.blockDim = dim3(threads2);
-  lc.dynamicSmemBytes = smem2;
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  const bool pdl = cfg && (cfg->flags & CLADA_FLAG_PDL) && pdl_supported();
-  lc.attrs = pdl ? attr : nullptr;
-  lc.numAttrs = pdl ? 1 : 0;
-  err = cudaLaunchKernelEx(&lc, down_kernel<T, BT, VPT>, acc1, static_cast<const T*>(wd), thr,
-                           acc2, counter, static_cast<T*>(y), row_counts, B, H, I, jc, act);
-  if (err != cudaSuccess) return (int)err;
+  down_kernel<T, BT, VPT><<<nblocks2, threads2, smem2, stream>>>(
+      acc1, static_cast<const T*>(wd), thr, acc2, counter, static_cast<T*>(y), row_counts, B, H, I, jc, act);
   return (int)cudaGetLastError();
 }
 
@@ -550,7 +514,7 @@ int clada_sparse_mlp_counted(const void* x, const void* w_gate_t, const void* w_
     return (int)cudaErrorInvalidValue;
   if (hidden > CLADA_SPARSE_MLP_MAX_HIDDEN) return (int)cudaErrorNotSupported;
   if (act < CLADA_ACT_SILU || act > CLADA_ACT_GELU) return (int)cudaErrorInvalidValue;
-  if (config && (config->flags & ~CLADA_FLAG_PDL)) return (int)cudaErrorInvalidValue;  // unknown flag
+  if (config && config->flags != 0) return (int)cudaErrorInvalidValue;  // no flag is defined (ABI 4)
   if (!x || !w_gate_t || !w_up_t || !w_down_t || !thresholds || !y || !workspace)
     return (int)cudaErrorInvalidValue;
   if (!aligned16(x) || !aligned16(w_gate_t) || !aligned16(w_up_t) || !aligned16(w_down_t) ||

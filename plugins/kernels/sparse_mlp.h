@@ -35,7 +35,7 @@ extern "C" {
 
 /* Version of the library's whole C ABI (this header and decode_attention.h); 2 added
  * clada_decode_attention, 3 removed CLADA_FLAG_FUSED (2), now an unknown flag, 4 added
- * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask. */
+ * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask and removed CLADA_FLAG_PDL. */
 #define CLADA_KERNELS_ABI_VERSION 4
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
@@ -47,14 +47,13 @@ typedef enum { CLADA_ACT_SILU = 0, CLADA_ACT_GELU_TANH = 1, CLADA_ACT_GELU = 2 }
 typedef struct {
   int gateup_splits;        /* stage 1: number of splits of the hidden (K) dimension */
   int down_rows_per_block;  /* stage 2: intermediate rows owned by one block */
-  int flags;                /* CLADA_FLAG_* */
+  int flags;                /* must be 0 */
   int reserved[5];
 } clada_sparse_mlp_config;
 
-/* Launch stage 2 with programmatic dependent launch (sm_90+). Off by default: on the
- * H100 it measured no faster (benchmarks/NOTES.md). */
-#define CLADA_FLAG_PDL 1
-/* Any other bit set in flags makes the call fail with cudaErrorInvalidValue. */
+/* No flag is defined: any bit set in flags makes the call fail with cudaErrorInvalidValue.
+ * (CLADA_FLAG_PDL, 1, launched stage 2 by programmatic dependent launch; removed in ABI 4,
+ * measured no faster on the H100 and H200: benchmarks/NOTES.md.) */
 
 CLADA_API int clada_kernels_abi_version(void);
 
