@@ -29,7 +29,8 @@ def add_parsers(sub, add_model_arg) -> None:
     p.add_argument("--timing-cache", metavar="FILE", default=None,
                    help="TensorRT timing cache, read and updated (default: OUT/timing.cache)")
     p.add_argument("--plugin", metavar="LIB", default=None,
-                   help="libclada_trt_plugin.so (default: $CLADA_TRT_PLUGIN, else the plugins/build folder)")
+                   help="libclada_trt_plugin.so (default: $CLADA_TRT_PLUGIN, else the installed package's, else "
+                        "plugins/build)")
     p.add_argument("--force", action="store_true", help="replace engines OUT already has")
     p.set_defaults(func=run_build)
 

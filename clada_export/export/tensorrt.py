@@ -36,9 +36,6 @@ from clada_export.errors import UserError
 
 PLUGIN_LIBRARY_ENV = "CLADA_TRT_PLUGIN"
 PLUGIN_LIBRARY_NAME = "libclada_trt_plugin.so"
-# TODO(issue 13 item 11): the installed package's library lookup lands in ops/native.py;
-# until then, the repository's CMake build folder.
-_BUILT_PLUGIN = Path(__file__).resolve().parents[2] / "plugins" / "build" / PLUGIN_LIBRARY_NAME
 
 ENGINES_FILE = "engines.json"
 ENGINES_FORMAT = "clada-engines"
@@ -214,14 +211,16 @@ def _dim_names(name: str, graph: str, rank: int) -> list[str]:
 
 
 def find_plugin_library() -> Path | None:
-    """libclada_trt_plugin.so: ``$CLADA_TRT_PLUGIN``, else the CMake build in plugins/build, else None."""
-    path = os.environ.get(PLUGIN_LIBRARY_ENV)
-    if path:
-        if not Path(path).is_file():
-            raise UserError(f"{PLUGIN_LIBRARY_ENV}={path} does not exist; build plugins/tensorrt "
-                            "(see plugins/tensorrt/README.md) or unset it")
-        return Path(path)
-    return _BUILT_PLUGIN if _BUILT_PLUGIN.is_file() else None
+    """libclada_trt_plugin.so, found as the kernel library is (``ops.native.find_library``):
+    ``$CLADA_TRT_PLUGIN``, else the installed package's ``clada_export/lib``, else the
+    repository's ``plugins/build``; None where there is none."""
+    from clada_export.ops.native import find_library
+
+    path = find_library(PLUGIN_LIBRARY_NAME, PLUGIN_LIBRARY_ENV)
+    if path is not None and not path.is_file():
+        raise UserError(f"{PLUGIN_LIBRARY_ENV}={path} does not exist; build plugins/tensorrt "
+                        "(see plugins/tensorrt/README.md) or unset it")
+    return path
 
 
 def load_plugin_library(trt: ModuleType, library: Path):
