@@ -128,8 +128,7 @@ class CudaBackend(Backend):
 
     @torch.no_grad()
     def decode(self, tokens, position, thresholds):
-        logits, entropy, lse = self.graph.step(tokens.to(self.device), position.to(self.device),
-                                               thresholds.to(self.device))
+        logits, entropy, lse = self.graph.step(tokens, position, thresholds)  # copied straight into its buffers
         return StepResult(logits, entropy, lse)
 
 

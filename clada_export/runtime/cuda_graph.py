@@ -226,6 +226,10 @@ class CudaGraphDecode:
         self.position = torch.zeros(batch, dtype=torch.long, device=dev)
         self.thresholds = torch.zeros(cfg.num_layers, batch, 2, dtype=torch.float32, device=dev)
         self.row_counts = torch.zeros(cfg.num_layers, 2, dtype=torch.int32, device=dev)
+        # the counts come back without a sync of their own: copied after the replay into
+        # pinned memory, read before the next step (the caller has synced on its outputs)
+        self._counts_host = torch.zeros(cfg.num_layers, 2, dtype=torch.int32, pin_memory=True)
+        self._counts_ready = torch.cuda.Event()
         self._compile = compile
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -268,7 +272,8 @@ class CudaGraphDecode:
 
     def _read_counts(self) -> None:
         cfg = self.path.cfg
-        c = self.row_counts.cpu().double()
+        self._counts_ready.synchronize()
+        c = self._counts_host.double()
         per_layer = (2 * c[:, 0] / cfg.hidden_size + c[:, 1] / cfg.intermediate_size) / 3
         self._fraction = float(per_layer.mean())
         self.fractions.append(self._fraction)
@@ -283,16 +288,20 @@ class CudaGraphDecode:
         return "kernel" if self.rule.use_kernel(self._fraction) else "dense"
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, thresholds: torch.Tensor):
+        """Inputs on the host or the device; they are copied into the graph's buffers."""
         if self._counts_pending:
             self._read_counts()
         variant = self.choose()
-        self.tokens.copy_(tokens.reshape(-1), non_blocking=True)
-        self.position.copy_(position, non_blocking=True)
-        self.thresholds.copy_(thresholds, non_blocking=True)
+        # host sources copy synchronously: the caller may reuse them right after (the
+        # generator increments `position` in place)
+        for buf, src in ((self.tokens, tokens.reshape(-1)), (self.position, position), (self.thresholds, thresholds)):
+            buf.copy_(src, non_blocking=src.is_cuda)
         graph, outputs = self._graphs[variant]
         graph.replay()
         self.variants.append(variant)
         if variant == "kernel":
+            self._counts_host.copy_(self.row_counts, non_blocking=True)
+            self._counts_ready.record()
             self._counts_pending, self._since_kernel = True, 0
         else:
             self._since_kernel += 1
