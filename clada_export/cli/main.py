@@ -43,7 +43,7 @@ def _extra_parsers():
     import importlib
 
     adders = []
-    for name in ("calibrate_cmd", "generate_cmd"):
+    for name in ("bench_cmd", "calibrate_cmd", "generate_cmd"):
         try:
             module = importlib.import_module(f"clada_export.cli.{name}")
         except ModuleNotFoundError as e:
