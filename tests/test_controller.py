@@ -355,7 +355,7 @@ def test_config_types_name_the_field(tmp_path):
     assert ControllerConfig.from_dict({"window": 8.0, "prefix_strength": 0}) == ControllerConfig(window=8, prefix_strength=0.0)
     assert type(ControllerConfig.from_dict({"window": 8.0}).window) is int
     cases = {"window": "abc", "high": "x", "target": [0.5], "trace_thresholds": 1, "easy_steps": 2.5,
-             "min_sparsity": True}
+             "min_sparsity": True, "payback_steps": 2**31, "dense_offset": 10**400}
     for name, value in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({name: value}))
@@ -365,6 +365,12 @@ def test_config_types_name_the_field(tmp_path):
         assert "\n" not in msg and str(path) in msg and f"controller config: {name} must be" in msg, msg
     with pytest.raises(UserError, match="window must be an integer"):
         ThresholdController(tiny_profile(), ControllerConfig(window="16"))  # type: ignore[arg-type]
+    for name, text in (("deep", "[" * 100_000), ("huge", '{"window": ' + "9" * 5000 + "}"), ("utf", b"\xff{}")):
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(UserError, match="is not readable JSON") as e:
+            load_controller_config(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
 def test_docs_parameter_table_is_generated_from_the_config():

@@ -100,6 +100,8 @@ class ControllerConfig:
 
         for f in fields(self):
             _check_type(f.name, _FIELD_KINDS[f.name], getattr(self, f.name))
+            if _FIELD_KINDS[f.name] == "int" and abs(getattr(self, f.name)) > _INT_MAX:
+                bad(f"{f.name} must be at most {_INT_MAX} (a C++ int), got {_short(getattr(self, f.name))}")
         if self.window < 1:
             bad(f"window must be a positive integer, got {self.window}")
         if not 1 <= self.min_history <= self.window:
@@ -136,20 +138,32 @@ Kind = Literal["int", "float", "float | None", "bool"]
 _FIELD_KINDS: dict[str, Kind] = {f.name: f.type for f in fields(ControllerConfig)}  # type: ignore[misc]
 
 
+_INT_MAX = 2**31 - 1  # the C++ controller's int fields
+
+
+def _short(v: Any) -> str:
+    """``repr(v)``, cut to one short line for an error message."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def _check_type(name: str, kind: Kind, v: Any) -> Any:
     """``v`` as field ``name`` holds it (int, float, None or bool), or UserError."""
     number = isinstance(v, (int, float)) and not isinstance(v, bool)
     if kind == "bool" and isinstance(v, bool):
         return v
-    if kind == "int" and number and float(v).is_integer():
+    if kind == "int" and (isinstance(v, int) and number or isinstance(v, float) and v.is_integer()):
         return int(v)
     if kind == "float | None" and v is None:
         return None
     if kind in ("float", "float | None") and number:
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            raise UserError(f"controller config: {name} must be a number within float range, got {_short(v)}") from None
     want = {"int": "an integer", "float": "a number", "float | None": "a number or null",
             "bool": "true or false"}[kind]
-    raise UserError(f"controller config: {name} must be {want}, got {v!r}")
+    raise UserError(f"controller config: {name} must be {want}, got {_short(v)}")
 
 
 def config_table() -> str:
@@ -171,8 +185,8 @@ def load_controller_config(path: str | os.PathLike | None) -> ControllerConfig:
     except FileNotFoundError:
         raise UserError(f"controller config {path} does not exist; pass a JSON file such as "
                         '{"dense_offset": 0.05, "prefix_strength": 0}') from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"controller config {path} is not readable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a huge integer
+        raise UserError(f"controller config {path} is not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):
         raise UserError(f"controller config {path} must hold a JSON object of ControllerConfig fields")
     try:

@@ -91,6 +91,7 @@ void test_config_json() {
   CHECK(j.size() == 18u && j.begin().key() == "window" && (--j.end()).key() == "trace_thresholds");
   CHECK(throws([] { clada::trace::config_from_json(Json::parse(R"({"windows": 3})")); }, "unknown key \"windows\""));
   CHECK(throws([] { clada::trace::config_from_json(Json::parse(R"({"window": 2.5})")); }, "window must be an integer"));
+  CHECK(throws([] { clada::trace::config_from_json(Json::parse(R"({"window": 1e12})")); }, "window must be an integer"));
   CHECK(throws([] { clada::trace::config_from_json(Json::parse(R"({"trace_thresholds": 1})")); },
                "trace_thresholds must be true or false"));
   CHECK(throws([] { clada::trace::config_from_json(Json::parse(R"({"high": "x"})")); }, "high must be a number"));

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -55,8 +56,10 @@ inline ControllerConfig config_from_json(const Json& o) {
       if (!x.is_boolean()) throw std::invalid_argument(what + " must be true or false, got " + x.dump());
       v = x.get<bool>();
     } else if constexpr (std::is_same_v<T, int>) {
-      if (!x.is_number() || x.get<double>() != std::floor(x.get<double>()))
-        throw std::invalid_argument(what + " must be an integer, got " + x.dump());
+      if (!x.is_number() || x.get<double>() != std::floor(x.get<double>()) ||
+          std::fabs(x.get<double>()) > std::numeric_limits<int>::max())
+        throw std::invalid_argument(what + " must be an integer of at most " +
+                                    std::to_string(std::numeric_limits<int>::max()) + ", got " + x.dump());
       v = static_cast<int>(x.get<double>());
     } else if constexpr (std::is_same_v<T, std::optional<double>>) {
       if (x.is_null()) v = std::nullopt;
