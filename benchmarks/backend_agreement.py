@@ -20,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clada_export.cli.generate_cmd import load_tokenizer  # noqa: E402
-from clada_export.runtime.backends import open_backend  # noqa: E402
-from clada_export.export.onnx_export import read_manifest  # noqa: E402
-from clada_export.profile import SparsityProfile  # noqa: E402
-from clada_export.runtime.controller import ThresholdController  # noqa: E402
-from clada_export.runtime.generator import Generator  # noqa: E402
+from clada_export.export.onnx_export import read_manifest
+from clada_export.profile import SparsityProfile
+from clada_export.prompts import load_export_tokenizer
+from clada_export.runtime.backends import open_backend
+from clada_export.runtime.controller import ThresholdController
+from clada_export.runtime.generator import Generator
 
 PROMPTS = (
     "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -50,7 +48,7 @@ def main() -> None:
     if not profile_path.is_file():
         sys.exit(f"{export_dir} has no profile.json: export with --profile")
     profile = SparsityProfile.load(profile_path)
-    tok = load_tokenizer(export_dir, manifest)
+    tok = load_export_tokenizer(export_dir, manifest)
     backends = {name: open_backend(name, export_dir, manifest, device="cpu") for name in ("onnxruntime", "torch")}
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     n = args.new_tokens

@@ -31,13 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clada_export.calibrate.allocation import run_calibration  # noqa: E402
-from clada_export.calibrate.quality import perplexity  # noqa: E402
-from clada_export.cli.calibrate_cmd import calibration_windows, load_tokenizer, read_tokens, windows_of  # noqa: E402
-from clada_export.model.loading import load_decoder, resolve_model_dir  # noqa: E402
-from clada_export.ops.sparse_mlp import sparse_mlp_op  # noqa: E402
+from clada_export.calibrate.allocation import run_calibration
+from clada_export.calibrate.quality import perplexity
+from clada_export.data import calibration_windows, evaluation_windows
+from clada_export.model.loading import load_decoder, load_tokenizer, resolve_model_dir
+from clada_export.ops.sparse_mlp import sparse_mlp_op
 
 LEVELS = (0.3, 0.4, 0.5)
 
@@ -102,8 +100,7 @@ def rotate_mlp_inputs(model, q: torch.Tensor) -> None:
 def end_to_end(plain, model_dir: Path, q: torch.Tensor, eval_tokens: int) -> None:
     tok = load_tokenizer(model_dir)
     table_w, held_w, _ = calibration_windows(tok, None, 4096, 512)
-    ids, eval_source = read_tokens(tok, None, "evaluation")
-    windows = windows_of(ids, 0, eval_tokens, 512)
+    windows, eval_source = evaluation_windows(tok, None, eval_tokens, 512)
     print(f"\nperplexity on {windows.numel()} tokens of {eval_source}, greedy allocations "
           f"(calibrated on each model as `clada-export calibrate` does)")
     print(f"{'model':<18}{'dense':>8}" + "".join(f"{f'{t:.0%} target':>22}" for t in (0.4, 0.5)))

@@ -111,7 +111,7 @@ def token_windows(tokenizer, text: str, n_tokens: int, window: int, *, start: in
     if window < 1:
         raise UserError(f"the window must be at least 1 token, got {window}")
     if n_tokens < window:
-        raise UserError(f"--tokens {n_tokens} is less than one window of {window} tokens; "
+        raise UserError(f"{n_tokens} tokens are less than one window of {window} tokens; "
                         f"ask for at least {window}")
     if start < 0:
         raise UserError(f"the start offset must be >= 0, got {start}")
@@ -121,8 +121,8 @@ def token_windows(tokenizer, text: str, n_tokens: int, window: int, *, start: in
     if len(ids) < needed:
         what = source or "the text"
         usable = max(0, (len(ids) - start) // window * window)
-        hint = (f"pass --tokens {usable} or less, or a longer file" if usable >= window
-                else "pass a longer file")
+        hint = (f"ask for {usable} tokens or fewer, or give a longer file" if usable >= window
+                else "give a longer file")
         raise UserError(f"{what} is too short: it holds {len(ids)} tokens, and {needed} are needed "
                         f"({n_windows} windows of {window} tokens"
                         + (f" after skipping {start}" if start else "") + f"); {hint}")
@@ -137,3 +137,44 @@ def load_windows(tokenizer, paths: Path | str | Sequence[Path | str], n_tokens: 
     paths = [Path(p) for p in paths]
     text = load_text(paths)
     return token_windows(tokenizer, text, n_tokens, window, start=start, source=_describe(paths))
+
+
+# Windows of the calibration text: the tables' and, right after them, the held-out ones
+# on which KL against the dense model is measured (disjoint).
+CALIB_WINDOW = 256
+HELDOUT_WINDOW = 128
+
+
+def _sources(paths, role: str) -> list[Path]:
+    if paths is None:
+        return calibration_text_sources() if role == "calibration" else evaluation_text_sources()
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return [Path(p) for p in paths]
+
+
+def calibration_windows(tokenizer, paths, tokens: int, heldout: int):
+    """Table windows ``[tokens // 256, 256]`` and held-out windows ``[heldout // 128, 128]``
+    that follow them in the text, and a description of the text. ``paths`` None: the
+    shipped calibration text."""
+    import torch
+
+    if tokens < CALIB_WINDOW:
+        raise UserError(f"{tokens} calibration tokens are less than one window of {CALIB_WINDOW}; "
+                        f"ask for at least {CALIB_WINDOW} (4096 recommended)")
+    if heldout < HELDOUT_WINDOW:
+        raise UserError(f"{heldout} held-out tokens are less than one window of {HELDOUT_WINDOW}; "
+                        f"ask for at least {HELDOUT_WINDOW}")
+    paths = _sources(paths, "calibration")
+    text, source = load_text(paths), _describe(paths)
+    t_used = tokens // CALIB_WINDOW * CALIB_WINDOW
+    both = token_windows(tokenizer, text, t_used + heldout // HELDOUT_WINDOW * HELDOUT_WINDOW, HELDOUT_WINDOW,
+                         source=f"calibration text {source} ({t_used} tokens for the tables + held-out KL windows)")
+    flat = both.reshape(-1)
+    return flat[:t_used].view(-1, CALIB_WINDOW), flat[t_used:].view(-1, HELDOUT_WINDOW), source
+
+
+def evaluation_windows(tokenizer, paths, tokens: int, window: int):
+    """``[tokens // window, window]`` windows of the evaluation text (``paths`` None: the
+    shipped held-out text) and a description of it."""
+    paths = _sources(paths, "evaluation")
+    return load_windows(tokenizer, paths, tokens, window), _describe(paths)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,28 @@ import numpy as np
 
 from clada_export.atomic import write_json
 from clada_export.errors import UserError
+from clada_export.validate import Fields, read_json_object
 
 FORMAT = "clada-profile"
 VERSION = 1
+METHODS = ("greedy", "uniform")  # how a profile's sparsity is allocated over layers
+_FIX = "re-run `clada-export calibrate`"
+_SHAPE_FROM = "num_layers and the length of levels"
+_ARRAYS = ("levels", "t_in", "t_mid", "calib_mean_abs", "s_in", "s_mid")
+
+
+def _array_spec(L: int, S: int) -> list[tuple[str, tuple[int, ...], float | None, float | None]]:
+    """(field, shape, lowest, highest) of each array but ``levels``: thresholds and mean
+    magnitudes are magnitudes (>= 0), sparsities are fractions."""
+    return [("t_in", (L, S), 0.0, None), ("t_mid", (L, S), 0.0, None), ("calib_mean_abs", (L, 2), 0.0, None),
+            ("s_in", (L,), 0.0, 1.0), ("s_mid", (L,), 0.0, 1.0)]
+
+
+def _levels(f: Fields) -> np.ndarray:
+    levels = f.array("levels", (None,), lo=0.0, hi=1.0)
+    if levels.shape[0] < 2 or not (np.diff(levels) > 0).all():
+        raise f.fail("levels", "must hold at least 2 strictly increasing sparsity levels")
+    return levels
 
 
 def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float) -> np.ndarray | float:
@@ -103,16 +123,12 @@ class SparsityProfile:
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("levels", "t_in", "t_mid", "calib_mean_abs", "s_in", "s_mid"):
-            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
-        L, S = self.num_layers, len(self.levels)
-        expect = {"t_in": (L, S), "t_mid": (L, S), "calib_mean_abs": (L, 2), "s_in": (L,), "s_mid": (L,)}
-        for name, shape in expect.items():
-            if getattr(self, name).shape != shape:
-                raise UserError(
-                    f"profile field {name} has shape {list(getattr(self, name).shape)}, expected {list(shape)} "
-                    f"for {L} layers and {S} levels; re-run `clada-export calibrate`"
-                )
+        # the checks a profile file gets (from_dict), so tables built in code meet them too
+        f = Fields({k: getattr(self, k) for k in _ARRAYS}, "profile", _FIX)
+        L = self.num_layers
+        self.levels = _levels(f)
+        for name, shape, lo, hi in _array_spec(L, self.levels.shape[0]):
+            setattr(self, name, f.array(name, shape, lo=lo, hi=hi, shape_from=_SHAPE_FROM))
 
     # -- thresholds -------------------------------------------------------------
     def thresholds_at(self, s_in: np.ndarray, s_mid: np.ndarray) -> np.ndarray:
@@ -137,6 +153,11 @@ class SparsityProfile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "profile") -> "SparsityProfile":
+        """A profile from its JSON object, every field checked (type, shape, finiteness,
+        range); a malformed one is a UserError naming ``source`` and the field."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source} holds a JSON {type(d).__name__}, not a profile object; {_FIX}")
+        f = Fields(d, source, _FIX)
         if d.get("format") != FORMAT:
             raise UserError(f"{source} is not a clada sparsity profile (no \"format\": \"{FORMAT}\")")
         if d.get("version") != VERSION:
@@ -144,11 +165,19 @@ class SparsityProfile:
                 f"{source} has profile version {d.get('version')}, this clada-export reads version {VERSION}; "
                 "re-run `clada-export calibrate`"
             )
-        fields = {k: v for k, v in d.items() if k not in ("format", "version")}
-        try:
-            return cls(**fields)
-        except TypeError as e:
-            raise UserError(f"{source} is malformed ({e}); re-run `clada-export calibrate`") from None
+        f.check_keys({"format", "version", *(x.name for x in dataclass_fields(cls))})
+        L = f.int("num_layers", lo=1)
+        levels = _levels(f)
+        arrays = {name: f.array(name, shape, lo=lo, hi=hi, shape_from=_SHAPE_FROM)
+                  for name, shape, lo, hi in _array_spec(L, len(levels))}
+        calibration = f.obj("calibration", default={})
+        return cls(
+            fingerprint=f.str("fingerprint"), model_type=f.str("model_type"), num_layers=L,
+            hidden_size=f.int("hidden_size", lo=1), intermediate_size=f.int("intermediate_size", lo=1),
+            levels=levels, **arrays, target_sparsity=f.float("target_sparsity", lo=0.0, hi=1.0),
+            kl=f.float("kl", default=None, optional=True), method=f.str("method", default="greedy"),
+            calibration=calibration.d,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -158,13 +187,8 @@ class SparsityProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparsityProfile":
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"profile {path} does not exist; make one with `clada-export calibrate MODEL -o {path}`")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"profile {path} is not readable JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        d = read_json_object(path, "profile", f"make one with `clada-export calibrate MODEL -o {path}`")
+        return cls.from_dict(d, source=f"profile {path}")
 
     def check_matches(self, config: dict[str, Any], source: str = "profile") -> None:
         fp = model_fingerprint(config)

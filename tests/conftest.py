@@ -30,15 +30,19 @@ def _configs():
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def make_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
+def make_checkpoint(family_or_config, path: Path, seed: int = 0, std: float = 0.08) -> Path:
+    """A random-weight checkpoint written with ``save_pretrained``: one of ``FAMILIES``
+    (the tiny configs above) or any transformers config. The one checkpoint factory of the
+    test suite; matrices drawn from N(0, std) so activations spread like a real model's."""
     from transformers import AutoModelForCausalLM
 
+    cfg = _configs()[family_or_config] if isinstance(family_or_config, str) else family_or_config
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[family])
-    with torch.no_grad():  # random init is tiny; widen it so activations spread like a real model's
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random init is tiny; widen it
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, std)
     model.save_pretrained(path)
     return path
 
@@ -117,3 +121,27 @@ def find_nvcc() -> str | None:
         if candidate and Path(candidate).is_file():
             return candidate
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_export(tiny_checkpoints, tiny_profile, tmp_path_factory) -> Path:
+    """The tiny llama with a word-level tokenizer (``w0`` .. ``w319``, eos ``w1``), exported
+    with ``tiny_profile``: what ``generate`` needs, end to end."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from clada_export.export.onnx_export import export_onnx
+    from clada_export.model.loading import load_decoder
+
+    root = tmp_path_factory.mktemp("chat")
+    ckpt = root / "llama"
+    shutil.copytree(tiny_checkpoints["llama"], ckpt)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(320)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w1").save_pretrained(ckpt)
+    model, hf = load_decoder(ckpt)
+    out = root / "export"
+    export_onnx(model, hf, out, model_dir=ckpt, profile=tiny_profile)
+    return out

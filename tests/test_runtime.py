@@ -24,7 +24,7 @@ def test_greedy_identical_on_torch_and_onnxruntime_with_controller(tiny_export, 
     results, controllers = [], []
     for backend in (TorchBackend(model), OnnxRuntimeBackend(tiny_export)):
         def factory(batch):
-            controllers.append(ThresholdController(tiny_profile, ControllerConfig(), batch=batch))
+            controllers.append(ThresholdController(tiny_profile, ControllerConfig(), batch=batch, keep_records=True))
             return controllers[-1]
         results.append(Generator(backend, controller_factory=factory).generate(_prompts(), 40))
     a, b = results
@@ -55,20 +55,8 @@ def test_stops_at_eos(tiny_checkpoints):
     assert stopped == first[: first.index(eos) + 1]
 
 
-def test_generate_cli_streams_traces_and_plots(tiny_checkpoints, tiny_profile, tmp_path, capsys):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    # a word-level tokenizer over the tiny vocabulary, so the CLI has one to load
-    vocab = {f"w{i}": i for i in range(320)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w1").save_pretrained(tiny_checkpoints["llama"])
-    profile = tmp_path / "profile.json"
-    tiny_profile.save(profile)
-    out = tmp_path / "out"
-    assert main(["export", str(tiny_checkpoints["llama"]), "--profile", str(profile), "-o", str(out)]) == 0
-    capsys.readouterr()
+def test_generate_cli_streams_traces_and_plots(tiny_chat_export, tmp_path, capsys):
+    out = tiny_chat_export
     trace, plot = tmp_path / "trace.jsonl", tmp_path / "signals.png"
     code = main(["generate", str(out), "--prompt", "w5 w9 w17 w33 w2 w8 w100 w7", "--max-new-tokens", "30",
                  "--trace", str(trace), "--plot", str(plot)])

@@ -63,11 +63,10 @@ class KLReference:
     """Dense next-token log-probabilities of held-out windows ``[N, T]`` (all positions),
     kept so that any thresholds' KL(dense || sparse) costs one sparse pass."""
 
-    def __init__(self, model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True):
+    def __init__(self, model, windows: torch.Tensor, batch_size: int = 4):
         self.model = model
         self.windows = windows
         self.batch_size = batch_size
-        self.progress = progress
         L = model.cfg.num_layers
         self._logp: list[torch.Tensor] = []
         with torch.inference_mode():
@@ -326,8 +325,7 @@ class Calibration:
         if method == "uniform":
             s_in, s_mid = uniform_allocation(len(self.km.sens), target)
             return s_in, s_mid, self.km.predict(s_in, s_mid)
-        if method != "greedy":
-            raise UserError(f"unknown allocation method {method!r}; use greedy or uniform")
+        check_method(method)
         return self.path.at_sparsity(target)
 
     def measured_kl(self, s_in: np.ndarray, s_mid: np.ndarray) -> float:
@@ -339,8 +337,8 @@ class Calibration:
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, float, float]:
         """The most sparsity whose measured KL stays within ``budget``:
         ``s_in``, ``s_mid``, the target reached, the measured KL."""
-        if budget <= 0:
-            raise UserError(f"--error-budget must be > 0 (a KL divergence in nats), got {budget:g}")
+        check_error_budget(budget, "budget")
+        check_method(method)
         best = (np.zeros_like(self.km.sens), np.zeros_like(self.km.sens), 0.0, 0.0)
         if method == "uniform":
             lo, hi = 0.0, float(self.levels[-1])
@@ -392,7 +390,7 @@ def run_calibration(model, table_windows: torch.Tensor, heldout_windows: torch.T
     probe_i = int(np.argmin(np.abs(SURFACE_GRID - PROBE_LEVEL)))
     err_probe = err[:, probe_i, probe_i]
     t2 = time.perf_counter()
-    ref = KLReference(model, heldout_windows, batch_size=batch_size, progress=progress)
+    ref = KLReference(model, heldout_windows, batch_size=batch_size)
     sens, probe_kl = layer_sensitivities(ref, tables.levels, tables.t_in, tables.t_mid, err_probe,
                                          progress=progress)
     t3 = time.perf_counter()
@@ -420,9 +418,8 @@ def make_profile(cal: Calibration, hf_config, target: float | None = None, error
     from clada_export.profile import SparsityProfile, model_fingerprint
 
     if (target is None) == (error_budget is None):
-        raise UserError("give exactly one of --target-sparsity and --error-budget")
-    if method not in ("greedy", "uniform"):
-        raise UserError(f"unknown allocation method {method!r}; use greedy or uniform")
+        raise UserError("give exactly one of target and error_budget")
+    check_method(method)
     t0 = time.perf_counter()
     if target is not None:
         check_target(target, float(cal.path.sparsity[-1]))
@@ -457,13 +454,27 @@ def make_profile(cal: Calibration, hf_config, target: float | None = None, error
         kl=float(kl), method=method, calibration=info)
 
 
-def check_target(target: float, most: float = 0.95) -> None:
+# Each check names what it was given as ``name``: the parameter for library callers, the
+# flag when the CLI checks a flag before the slow work.
+def check_target(target: float, most: float = 0.95, name: str = "target") -> None:
     if not (0.0 < target < 1.0):
-        raise UserError(f"--target-sparsity must be in (0, 1) (a fraction of MLP weight bytes skipped, "
+        raise UserError(f"{name} must be in (0, 1) (a fraction of MLP weight bytes skipped, "
                         f"e.g. 0.5), got {target:g}")
     if target > most + 1e-9:
-        raise UserError(f"--target-sparsity {target:g} is beyond the most the tables allow ({most:.2f}); "
+        raise UserError(f"{name} {target:g} is beyond the most the tables allow ({most:.2f}); "
                         "choose a lower target")
+
+
+def check_error_budget(budget: float, name: str = "error_budget") -> None:
+    if not budget > 0 or not np.isfinite(budget):
+        raise UserError(f"{name} must be > 0 (a KL divergence in nats per token, e.g. 0.05), got {budget:g}")
+
+
+def check_method(method: str, name: str = "method") -> None:
+    from clada_export.profile import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"unknown allocation {name} {method!r}; use {' or '.join(METHODS)}")
 
 
 def calibration_from_profile(profile) -> Calibration | None:

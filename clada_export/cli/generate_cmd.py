@@ -11,21 +11,37 @@ import numpy as np
 from clada_export.errors import UserError
 from clada_export.runtime import BACKENDS
 
+DTYPES = ("bfloat16", "float16", "float32")
+# a prefill at least this long says so first: on a CPU it can take a while
+LONG_PREFILL_TOKENS = 1024
+
+
 def add_parsers(sub, _add_model_arg) -> None:
-    p = sub.add_parser("generate", help="generate text from an export with dynamic CLADA thresholds")
+    p = sub.add_parser(
+        "generate", help="generate text from an export with dynamic CLADA thresholds",
+        description="Stream text from an export with the CLADA threshold controller in the loop (or the "
+                    "profile's static thresholds, or dense), then print tokens/s, mean MLP sparsity and how "
+                    "often the controller went denser.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("export_dir", metavar="OUT", help="directory written by `clada-export export`")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of several prompts")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    p.add_argument("--device", default=None, help="torch backend device (default: cuda if available, else cpu)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
+    p.add_argument("--device", default=None,
+                   help="device of backends that load the checkpoint (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype of backends that load the checkpoint (default: the backend's own)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt, at most")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="drop a prompt's oldest tokens when prompt + --max-new-tokens exceeds the model's context "
+                        "(without it, such a prompt is refused)")
     p.add_argument("--static", action="store_true", help="the profile's static thresholds, no controller")
     p.add_argument("--dense", action="store_true", help="zero thresholds (the dense model)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--controller", metavar="JSON", help="controller settings: a JSON object of ControllerConfig "
                                                         "fields to override (docs/controller.md)")
     p.add_argument("--trace", help="write the controller's decisions as JSONL here")
@@ -33,17 +49,10 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.set_defaults(func=run_generate)
 
 
-def load_tokenizer(export_dir: Path, manifest: dict):
-    from transformers import AutoTokenizer
-
-    if not manifest.get("tokenizer"):
-        raise UserError(f"{export_dir} has no tokenizer; re-export from a checkpoint directory that has one")
-    return AutoTokenizer.from_pretrained(export_dir / manifest["tokenizer"], local_files_only=True)
-
-
 def run_generate(args: argparse.Namespace) -> None:
     from clada_export.export.onnx_export import read_manifest
     from clada_export.profile import SparsityProfile
+    from clada_export.prompts import fit_prompts, load_export_tokenizer
     from clada_export.runtime.backends import open_backend
     from clada_export.runtime.controller import ThresholdController, load_controller_config
     from clada_export.runtime.generator import Generator
@@ -58,14 +67,17 @@ def run_generate(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     controller_config = load_controller_config(args.controller)
-    tok = load_tokenizer(export_dir, manifest)
+    tok = load_export_tokenizer(export_dir, manifest)
     texts = args.prompt
+    if any(not t.strip() for t in texts):
+        raise UserError("a --prompt is empty or only whitespace; give some text")
     if args.chat:
         texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
                  for t in texts]
     prompts = [tok(t, add_special_tokens=not args.chat)["input_ids"] for t in texts]
     if any(len(p) == 0 for p in prompts):
-        raise UserError("a prompt is empty; give some text with --prompt")
+        raise UserError("a --prompt tokenizes to no tokens; give some text")
+    prompts = fit_prompts(prompts, args.max_new_tokens, manifest, args.truncate_prompt)
 
     profile_path = export_dir / "profile.json"
     profile = SparsityProfile.load(profile_path) if profile_path.is_file() else None
@@ -86,7 +98,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     eos = tok.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    backend = open_backend(args.backend, export_dir, manifest, device=args.device)
+    backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
     gen = Generator(backend, eos_token_ids=eos_ids, controller_factory=factory, static_thresholds=static)
 
     stream = len(prompts) == 1
@@ -102,6 +114,9 @@ def run_generate(args: argparse.Namespace) -> None:
         printed["text"] = text
 
     on_tokens.ids = []
+    n_prompt = sum(len(p) for p in prompts)
+    if n_prompt >= LONG_PREFILL_TOKENS:
+        print(f"prefilling {n_prompt} prompt tokens on {args.backend}...", file=sys.stderr, flush=True)
     if stream:
         sys.stdout.write(texts[0] if not args.chat else "")
     result = gen.generate(prompts, args.max_new_tokens, sampling, on_tokens=on_tokens)
@@ -125,31 +140,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.trace and mode != "dynamic":
         print("note: --trace records controller decisions; none were made in this mode", file=sys.stderr)
     if args.plot:
+        from clada_export.calibrate.report import plot_signals
+
         plot_signals(result, Path(args.plot), title=texts[0][:60])
         print(f"wrote {args.plot}", file=sys.stderr)
-
-
-def plot_signals(result, path: Path, title: str = "") -> None:
-    """Surprisal, entropy and chosen sparsity per generated token (first sequence)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.arange(result.surprisal.shape[0])
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
-    ax1.plot(steps, result.surprisal[:, 0], label="surprisal (nats)", color="tab:red")
-    ax1.plot(steps, result.entropy[:, 0], label="entropy (nats)", color="tab:blue")
-    ax1.set_ylabel("cognitive load")
-    ax1.legend(loc="upper right")
-    ax1.set_title(f"CLADA signals per token: {title}")
-    ax2.step(steps, result.sparsity[:, 0], where="post", color="tab:green", label="chosen MLP sparsity")
-    dense = np.where(result.denser[:, 0])[0]
-    ax2.scatter(dense, result.sparsity[dense, 0], color="tab:orange", s=14, zorder=3, label="went denser")
-    ax2.set_ylabel("byte sparsity")
-    ax2.set_xlabel("generated token")
-    ax2.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

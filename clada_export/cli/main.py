@@ -1,13 +1,35 @@
 """The ``clada-export`` command line. Each subcommand lives in its own module under
-``clada_export/cli``; this file only parses arguments and turns ``UserError`` into a
-one-line message and exit code 2."""
+``clada_export/cli`` with an ``add_parsers(sub, add_model_arg)``; this file builds the
+parser from them and turns a ``UserError`` into one line and exit code 2, and SIGINT or
+SIGTERM into a clean stop (temporary output removed) with exit code 130 or 143."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from clada_export.errors import UserError
+
+# one module per line, in the order `clada-export --help` lists their commands
+SUBCOMMAND_MODULES = (
+    "clada_export.cli.bench_cmd",
+    "clada_export.cli.build_cmd",
+    "clada_export.cli.calibrate_cmd",
+    "clada_export.cli.eval_cmd",
+    "clada_export.cli.export_cmd",
+    "clada_export.cli.generate_cmd",
+    "clada_export.cli.models_cmd",
+    "clada_export.cli.report_cmd",
+)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so the same cleanup as Ctrl-C runs."""
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -15,65 +37,68 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clada-export")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clada-export",
-        description="Export CLADA activation-sparse LLMs to ONNX/TensorRT with cognitive-load-aware thresholds.",
+        description="Calibrate CLADA activation-sparsity thresholds for a Hugging Face LLM, export it to ONNX "
+                    "(each MLP one clada::SparseMLP op) and TensorRT, and generate with the threshold "
+                    "controller in the loop.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("export", help="trace a checkpoint into prefill/decode ONNX graphs (+ engine with TensorRT)")
-    _add_model_arg(p)
-    p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("--profile", help="sparsity profile from `clada-export calibrate` (embedded in the graphs)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="weights and activations")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--engine", action="store_true",
-                   help="also build TensorRT engines (needs tensorrt, or tensorrt_rtx for an ahead-of-time build)")
-
-    p = sub.add_parser("info", help="print what an export directory holds")
-    p.add_argument("export_dir", metavar="OUT")
-
-    for add in _extra_parsers():
-        add(sub, _add_model_arg)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub, _add_model_arg)
     return parser
 
 
-def _extra_parsers():
-    import importlib
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    adders = []
-    for name in ("bench_cmd", "calibrate_cmd", "generate_cmd"):
-        try:
-            module = importlib.import_module(f"clada_export.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"clada_export.cli.{name}":
-                raise
-            continue
-        adders.append(module.add_parsers)
-    return adders
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _close_progress_bars() -> None:
+    """Clear any progress bar still open, so the error line is the last thing printed."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "export":
-            from clada_export.cli.export_cmd import run_export
-
-            run_export(args)
-        elif args.command == "info":
-            from clada_export.cli.export_cmd import run_info
-
-            run_info(args)
-        else:
+        with _sigterm_as_interrupt():
             args.func(args)
     except UserError as e:
+        _close_progress_bars()
         print(f"clada-export {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        _close_progress_bars()
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     return 0
 
 

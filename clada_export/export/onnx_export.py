@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +24,15 @@ import onnx
 import torch
 
 from clada_export import contract as C
+from clada_export.atomic import check_replaceable, staging_dir
 from clada_export.errors import UserError
 from clada_export.export.graphs import DecodeGraph, PrefillGraph
 from clada_export.model.llama import Decoder
+from clada_export.validate import Fields, read_json_object
 from clada_export.ops.onnx_function import sparse_mlp_function_proto, sparse_mlp_translation
 
+MANIFEST_FORMAT = "clada-export"
+MANIFEST_VERSION = 1
 WEIGHTS_FILE = "weights.data"
 TOKENIZER_DIR = "tokenizer"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -159,12 +162,19 @@ def _set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
         prop.key, prop.value = key, value
 
 
+def is_export_dir(path: Path) -> bool:
+    """Whether ``path`` holds an export we wrote (its manifest says so): the only kind of
+    directory ``export --force`` replaces."""
+    try:
+        d = json.loads((Path(path) / C.MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(d, dict) and d.get("format") == MANIFEST_FORMAT
+
+
 def check_output_dir(out_dir: Path, force: bool) -> None:
-    """An export may only replace an existing directory with ``force``."""
-    if out_dir.exists() and not force:
-        raise UserError(f"output directory {out_dir} already exists; choose another -o or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output path {out_dir} is a file; -o must name a directory")
+    """UserError unless ``out_dir`` is new, or (``force``) an earlier export to replace."""
+    check_replaceable(Path(out_dir), force, is_export_dir, f"a clada-export output (no {C.MANIFEST})")
 
 
 def export_onnx(
@@ -189,10 +199,7 @@ def export_onnx(
     model = model.to(torch_dtype)
     model.inv_freq = model.inv_freq.float()
     cfg = model.cfg
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would carry over to the final directory
-    try:
+    with staging_dir(out_dir, force, is_export_dir, f"a clada-export output (no {C.MANIFEST})") as tmp:
         meta = {}
         default_thresholds = np.zeros((cfg.num_layers, 2), dtype=np.float32)
         if profile is not None:
@@ -224,8 +231,8 @@ def export_onnx(
             step("copying tokenizer")
             _copy_tokenizer(model_dir, tmp / TOKENIZER_DIR)
         manifest = {
-            "format": "clada-export",
-            "version": 1,
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
             "model_type": cfg.model_type,
             "source": None if model_dir is None else str(Path(model_dir).resolve()),
             "dtype": dtype,
@@ -246,13 +253,7 @@ def export_onnx(
         if profile is not None:
             profile.save(tmp / "profile.json")
         (tmp / C.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return manifest
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -269,9 +270,53 @@ def _copy_tokenizer(model_dir: Path, dest: Path) -> None:
 
 
 def read_manifest(export_dir: Path) -> dict[str, Any]:
+    """The export's manifest (``clada_export.json``), every field the toolchain reads checked
+    (types, ranges, file names that stay inside the directory); a malformed one is a
+    one-line UserError naming the file and the field. Returns the JSON object."""
     export_dir = Path(export_dir)
     path = export_dir / C.MANIFEST
     if not path.is_file():
         raise UserError(f"{export_dir} is not a clada-export output (no {C.MANIFEST}); "
                         "create one with `clada-export export MODEL -o DIR`")
-    return json.loads(path.read_text())
+    fix = f"re-export with `clada-export export MODEL -o {export_dir} --force`"
+    d = read_json_object(path, "export manifest", fix)
+    f = Fields(d, str(path), fix)
+    f.str("format", choices=(MANIFEST_FORMAT,))
+    if f.int("version") != MANIFEST_VERSION:
+        raise f.fail("version", f"is {d['version']}, this clada-export reads version {MANIFEST_VERSION}")
+    f.str("model_type")
+    f.str("source", optional=True)
+    f.str("dtype", choices=tuple(_DTYPES))
+    cfg = f.obj("config")
+    hf = f.obj("hf_config")
+    # the decoder config was derived from hf_config at export time: they must still agree
+    for key, hf_key in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                        ("intermediate_size", "intermediate_size"), ("num_layers", "num_hidden_layers"),
+                        ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                        ("head_dim", "head_dim"), ("max_position_embeddings", "max_position_embeddings")):
+        value = cfg.int(key, lo=1)
+        if key == "head_dim":
+            expect = hf.d.get("head_dim") or (hf.int("hidden_size", lo=1) // hf.int("num_attention_heads", lo=1))
+        elif key == "num_kv_heads":
+            expect = hf.d.get("num_key_value_heads") or hf.int("num_attention_heads", lo=1)
+        else:
+            expect = hf.int(hf_key, lo=1)
+        if value != expect:
+            raise cfg.fail(key, f"is {value} but hf_config.{hf_key} is {expect}")
+    graphs = f.obj("graphs")
+    for graph in C.GRAPHS:
+        g = graphs.obj(graph)
+        g.file_name("onnx", export_dir)
+        g.file_name("plugin_onnx", export_dir)
+    f.file_name("weights", export_dir)
+    if d.get("tokenizer") is not None:
+        f.file_name("tokenizer", export_dir)
+    f.int("max_len", default=None, lo=2, optional=True)
+    prof = f.obj("profile", default=None, optional=True)
+    if prof is not None:
+        prof.float("target_sparsity", lo=0.0, hi=1.0)
+        prof.float("mean_byte_sparsity", lo=0.0, hi=1.0)
+        prof.float("kl", default=None, optional=True)
+        prof.str("method")
+        prof.file_name("file", export_dir)
+    return d

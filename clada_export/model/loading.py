@@ -52,6 +52,19 @@ def load_hf_config(model_dir: Path):
                         f"(model_type {raw.get('model_type')!r}; supported: {supported_list()}): {e}") from None
 
 
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's own tokenizer (offline); UserError if it has none."""
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{model_dir} has no tokenizer files (tokenizer.json); calibration and evaluation "
+                        "tokenize text, so MODEL must include its tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {model_dir} ({e})") from None
+
+
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
