@@ -116,7 +116,7 @@ def teal_greedy_layer(error_of, max_byte: float, step: float, top: float) -> tup
     return path_in, path_mid, path_err
 
 
-def teal_lookup(model, x_cache: list[torch.Tensor], thresholds_of, max_byte: float = 0.6, step: float = 0.0125,
+def teal_lookup(model, x_cache: list[torch.Tensor], thresholds_of, max_byte: float = 0.6, step: float = 0.025,
                 top: float = 0.9, progress: bool = True) -> TealLookup:
     """The TEAL lookup of every layer. ``x_cache[l] [N, hidden]``: MLP inputs of layer l
     (from the last quarter of calibration sequences, as TEAL measures); ``thresholds_of(l,
@@ -144,7 +144,7 @@ def teal_lookup(model, x_cache: list[torch.Tensor], thresholds_of, max_byte: flo
                       np.array([r[:S] for r in rows_err]))
 
 
-def collect_mlp_inputs(model, windows: torch.Tensor, rows: int = 128, last_fraction: float = 0.25,
+def collect_mlp_inputs(model, windows: torch.Tensor, rows: int = 64, last_fraction: float = 0.25,
                        seed: int = 0) -> list[torch.Tensor]:
     """Per layer, ``rows`` MLP inputs drawn (seeded) from the last ``last_fraction`` of the
     positions of ``windows [N, T]`` (one dense pass)."""

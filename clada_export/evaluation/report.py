@@ -230,6 +230,7 @@ def render(out: Path, meta: dict | None = None) -> Path:
     rows = load_results(out)
     meta = dict(meta or {})
     meta.setdefault("model", rows[0].get("model"))
+    meta.setdefault("model_title", Path(rows[0].get("model_dir") or str(meta["model"])).name)
     s = rows[0]["settings"]
     meta.setdefault("settings_line", f"{s['tasks_limit']} documents per task (seed {s['seed']}), zero-shot; "
                     f"perplexity on {s['ppl_windows']} x {s['ppl_window']} held-out tokens "

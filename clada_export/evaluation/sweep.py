@@ -71,7 +71,7 @@ def _calibration(model, tokenizer, hf_config, settings: SweepSettings, out: Path
     """Profiles at each level (greedy allocation, with the KL model for uniform) and
     TEAL's lookup; computed once, then read back."""
     from clada_export.calibrate.allocation import calibration_from_profile, make_profile, run_calibration
-    from clada_export.cli.calibrate_cmd import calibration_windows
+    from clada_export.data import calibration_windows
     from clada_export.profile import SparsityProfile
 
     cdir = out / "calibration"
@@ -238,9 +238,9 @@ def _slim_trace(records: list[dict]) -> list[dict]:
 
 def run_sweep(settings: SweepSettings, out: Path, progress: bool = True) -> list[Path]:
     """Run (or resume) the sweep into ``out``; returns the result files."""
-    from clada_export.cli.calibrate_cmd import load_tokenizer, read_tokens, windows_of
+    from clada_export.data import evaluation_windows
     from clada_export.model.config import DecoderConfig
-    from clada_export.model.loading import load_decoder, load_hf_config
+    from clada_export.model.loading import load_decoder, load_hf_config, load_tokenizer
     from clada_export.model.registry import resolve_model
 
     settings.validate()
@@ -256,11 +256,8 @@ def run_sweep(settings: SweepSettings, out: Path, progress: bool = True) -> list
     load_s = time.perf_counter() - t_load
     windows = None
     if settings.ppl_windows:
-        ids, source = read_tokens(tokenizer, None, "evaluation")
-        need = settings.ppl_windows * settings.ppl_window
-        if len(ids) < need:
-            raise UserError(f"the evaluation text holds {len(ids)} tokens, fewer than --ppl-windows x window = {need}")
-        windows = windows_of(ids, 0, need, settings.ppl_window)
+        windows, _ = evaluation_windows(tokenizer, None, settings.ppl_windows * settings.ppl_window,
+                                        settings.ppl_window)
     methods = build_methods(model, tokenizer, hf_config, settings, out, progress)
     paths = []
     for method in methods:
