@@ -59,6 +59,18 @@ def test_report_renders_from_saved_results_alone(tmp_path):
     assert cmp["nll_diff"] == pytest.approx((42.3 - 42.6) / 4 / 10)  # per token, windows of 10 tokens
 
 
+def test_an_unfinished_result_is_left_out_and_named(tmp_path):
+    st = SweepSettings(model="toy", tasks=["piqa", "boolq"], limit=4).result_settings()
+    (tmp_path / "results").mkdir()
+    write_json(tmp_path / "results" / "dense.json", _result("dense", None, [1, 1, 0, 1], [1, 0, 1, 1], [1.0, 1.0], st))
+    part = _result("teal", 0.4, [1, 0, 0, 1], [1, 0, 1, 1], [1.0, 1.0], st)
+    del part["tasks"]["boolq"]  # interrupted after its first task
+    write_json(tmp_path / "results" / "teal-0.40.json", part)
+    md = report.render(tmp_path).read_text()
+    assert "Not yet complete (left out): teal-0.40" in md and "| teal |" not in md
+    assert "| dense | - | 0.7500" in md  # the other results keep every task
+
+
 def test_render_without_results_is_one_line(tmp_path):
     (tmp_path / "results").mkdir()
     with pytest.raises(UserError, match="holds no sweep results"):

@@ -67,7 +67,12 @@ def paired_accuracy(a: dict, b: dict, tasks: list[str], samples: int = 2000, see
 def summarize(rows: list[dict]) -> dict:
     """Per (method, level): mean accuracy over the tasks every result holds, its drop
     relative to dense, perplexity and its change, realized sparsity, cost."""
-    tasks = [t for t in TASKS if all(t in r["tasks"] for r in rows)]
+    # the tasks of the dense result (or of any); a result missing one of them is left out
+    # of the tables (an interrupted sweep) and named in ``incomplete``
+    ref = next((r for r in rows if r["method"] == "dense"), rows[0])
+    tasks = [t for t in TASKS if t in ref["tasks"]]
+    incomplete = [_key(r) for r in rows if not all(t in r["tasks"] for t in tasks)]
+    rows = [r for r in rows if _key(r) not in incomplete]
     dense = next((r for r in rows if r["method"] == "dense"), None)
     d_acc = float(np.mean([dense["tasks"][t]["acc"] for t in tasks])) if dense and tasks else None
     d_ppl = dense["perplexity"]["ppl"] if dense and dense.get("perplexity") else None
@@ -109,7 +114,7 @@ def summarize(rows: list[dict]) -> dict:
                                                 np.asarray(b["perplexity"]["window_nll"]), per)
                 entry.update({"nll_diff": d, "nll_ci": [dlo, dhi]})
             comparisons.append(entry)
-    return {"tasks": tasks, "rows": table, "comparisons": comparisons}
+    return {"tasks": tasks, "rows": table, "comparisons": comparisons, "incomplete": incomplete}
 
 
 def _fmt(v, spec=".4f", none="-") -> str:
@@ -130,6 +135,8 @@ def render_markdown(summary: dict, meta: dict) -> str:
             f"{_fmt(None if r['acc_drop_rel'] is None else 100 * r['acc_drop_rel'], '+.2f')}% | {_fmt(r['ppl'], '.3f')} | "
             f"{_fmt(None if r['ppl_change_rel'] is None else 100 * r['ppl_change_rel'], '+.2f')}% | "
             f"{_fmt(r['task_sparsity'], '.3f')} / {_fmt(r['ppl_sparsity'], '.3f')} | {_fmt(r['seconds_per_doc'], '.3f')} |")
+    if summary.get("incomplete"):
+        lines += ["", f"Not yet complete (left out): {', '.join(summary['incomplete'])}; the same command resumes them."]
     lines += ["", "Accuracy per task (± standard error; n documents each):", ""]
     lines.append("| method | level | " + " | ".join(TASKS[t].title for t in tasks) + " |")
     lines.append("| --- | --- | " + " | ".join("---" for _ in tasks) + " |")
