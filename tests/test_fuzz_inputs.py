@@ -170,8 +170,6 @@ def test_fuzzed_controller_configs(tmp_path, capsys, tiny_chat_export):
     tried = refused = generated = 0
     rng = random.Random(2)
     for what, field, text in _mutations(base):
-        if what == "file is deep nesting":
-            continue  # test_deeply_nested_controller_config
         path.write_text(text, encoding="utf-8")
         try:
             load_controller_config(path)
@@ -193,12 +191,3 @@ def test_fuzzed_controller_configs(tmp_path, capsys, tiny_chat_export):
     print(f"fuzzed controller configs: {tried} inputs, {refused} refused with one line, {tried - refused} valid "
           f"({generated} of them through generate)")
     assert tried > 200 and refused > 150
-
-
-@pytest.mark.xfail(strict=True, reason="load_controller_config (runtime/controller.py, not this module's owner's) "
-                                       "lets json's RecursionError through; add RecursionError to its except")
-def test_deeply_nested_controller_config(tmp_path, capsys, tiny_chat_export):
-    path = tmp_path / "controller.json"
-    path.write_text("[" * 100_000)
-    code, _, err = run_cli(capsys, "generate", tiny_chat_export, "--prompt", "w5", "--controller", path)
-    _check_refusal(code, err, path, None, "deep nesting")

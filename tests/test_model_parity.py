@@ -65,28 +65,3 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="gpt2.*not supported.*llama, mistral, qwen2, qwen3"):
         load_decoder(tmp_path)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_qkv_follows_dtype_conversion(family, tiny_checkpoints):
-    """fuse_qkv (the GPU path's one q/k/v GEMV) survives .to(): the fused weight is rebuilt
-    from the converted parameters, which stay views of it, and the model computes what an
-    unfused copy converted the same way computes."""
-    fused, _ = load_decoder(tiny_checkpoints[family])
-    plain, _ = load_decoder(tiny_checkpoints[family])
-    for layer in fused.layers:
-        layer.self_attn.fuse_qkv()
-    fused.to(torch.float64)
-    plain.to(torch.float64)
-    attn = fused.layers[0].self_attn
-    assert attn.qkv_weight.dtype == torch.float64
-    base = attn.qkv_weight.untyped_storage().data_ptr()
-    assert all(p.weight.untyped_storage().data_ptr() == base for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    ids = torch.randint(0, 320, (1, 7))
-    zeros = torch.zeros(fused.cfg.num_layers, 1, 2, dtype=torch.float64)
-    with torch.no_grad():
-        outs = []
-        for m in (fused, plain):
-            k, v = m.new_cache(1, 8, dtype=torch.float64)
-            outs.append(m(ids, torch.arange(7)[None], k, v, zeros).logits)
-    assert rel_err(outs[0], outs[1]) <= 1e-12
