@@ -24,7 +24,7 @@ def add_parsers(sub, _add_model_arg) -> None:
                    help="a published model shape with random bf16 weights and a profile recorded on random tokens "
                         "(GPU only), instead of an export")
     p.add_argument("--sparsity", type=float, default=0.5, help="target byte sparsity of the synthetic profile")
-    p.add_argument("--backends", nargs="+", choices=("cuda", "torch", "onnxruntime"), default=None,
+    p.add_argument("--backends", nargs="+", choices=("cuda", "tensorrt", "torch", "onnxruntime"), default=None,
                    help="default: cuda on a GPU, else onnxruntime and torch")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
@@ -57,8 +57,9 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     _check(args)
     cuda = torch.cuda.is_available()
     backends = args.backends or (["cuda"] if cuda else ["onnxruntime", "torch"])
-    if "cuda" in backends and not cuda:
-        raise UserError("--backends cuda needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for gpu_only in ("cuda", "tensorrt"):
+        if gpu_only in backends and not cuda:
+            raise UserError(f"--backends {gpu_only} needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     if args.synthetic:
         if not cuda:
             raise UserError(f"--synthetic {args.synthetic} builds a GPU-sized model; run it on a GPU, or bench an export")
@@ -67,7 +68,7 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
         factories, profile, model_name, vocab, dtype = _synthetic(args)
     else:
         factories, profile, model_name, vocab, dtype = _export(args, backends)
-    device = "cuda" if backends == ["cuda"] else "cpu"
+    device = "cuda" if set(backends) <= {"cuda", "tensorrt"} else "cpu"
     result = bench.BenchResult(device=bench.device_name(device), model=model_name, dtype=dtype,
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
     modes = bench.MODES if profile is not None else ("dense",)
@@ -119,6 +120,12 @@ def _export(args: argparse.Namespace, backends: list[str]):
         if name == "onnxruntime":
             ort = OnnxRuntimeBackend(export_dir)
             factories[name] = lambda mode, b=ort: b
+            continue
+        if name == "tensorrt":
+            from clada_export.runtime.tensorrt_backend import TensorRTBackend
+
+            trt_backend = TensorRTBackend(export_dir)
+            factories[name] = lambda mode, b=trt_backend: b
             continue
         if not source or not Path(source).is_dir():
             raise UserError(f"--backends {name} loads the checkpoint this export came from ({source}), which is not "

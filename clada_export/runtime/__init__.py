@@ -2,4 +2,4 @@
 
 # Every backend name the CLI offers, in the order `--backend` lists them; kept here so that
 # building the CLI parser does not import torch. `backends.open_backend` opens each.
-BACKENDS = ("onnxruntime", "torch", "cuda")
+BACKENDS = ("onnxruntime", "torch", "cuda", "tensorrt")

@@ -208,6 +208,10 @@ def open_backend(name: str, export_dir: str | Path, manifest: dict, *, device: s
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "onnxruntime":
         return OnnxRuntimeBackend(export_dir)
+    if name == "tensorrt":
+        from clada_export.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(export_dir, device=device or "cuda")
     source = manifest.get("source")
     if not source or not Path(source).is_dir():
         raise UserError(f"the {name} backend loads the checkpoint this export came from ({source}), which is "
