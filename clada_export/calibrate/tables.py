@@ -43,7 +43,7 @@ class ActivationTables:
 
 def _quantiles(samples: torch.Tensor, levels: np.ndarray) -> np.ndarray:
     q = torch.tensor(levels, dtype=torch.float64)
-    s = samples.double().sort().values
+    s = samples.double().cpu().sort().values
     # torch.quantile caps its input at 16M elements: interpolate on the sorted sample
     pos = q * (s.numel() - 1)
     lo = pos.floor().long()
