@@ -34,7 +34,8 @@ class Terminated(KeyboardInterrupt):
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="Hugging Face checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+                   help="Hugging Face checkpoint directory or a named model (`clada-export models list`; "
+                        "default: SmolLM2-135M-Instruct)")
 
 
 def _version() -> str:

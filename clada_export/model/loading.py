@@ -20,15 +20,22 @@ _MLP = {"gate_proj": "w_gate_t", "up_proj": "w_up_t", "down_proj": "w_down_t"}
 
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """A checkpoint directory; ``None`` means the default model (converted on first use)."""
+    """A checkpoint directory; ``None`` means the default model, and a name that is not a
+    path a named model (``clada-export models list``), converted on first use."""
     if model is None:
         from clada_export.model.default import default_model_dir
 
         return default_model_dir()
     path = Path(model)
     if not path.exists():
+        from clada_export.model.registry import lookup, model_dir
+
+        spec = lookup(str(model))
+        if spec is not None:
+            return model_dir(spec)
         raise UserError(f"model directory {path} does not exist; pass a Hugging Face checkpoint directory "
-                        "(config.json + safetensors + tokenizer), or omit MODEL to use the default model")
+                        "(config.json + safetensors + tokenizer) or a named model (`clada-export models list`), "
+                        "or omit MODEL to use the default model")
     if not path.is_dir():
         raise UserError(f"{path} is a file; MODEL must be a checkpoint directory holding config.json")
     if not (path / "config.json").is_file():

@@ -290,12 +290,8 @@ def get_model(name: str, force: bool = False, progress: bool = True) -> Path:
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """MODEL as the CLI takes it: None (the default model), a registered name, or a
-    checkpoint directory. A path that exists wins over a name."""
-    if model is None:
-        return model_dir(DEFAULT)
-    spec = lookup(str(model))
-    if spec is not None and not Path(model).exists():
-        return model_dir(spec)
+    checkpoint directory; a path that exists wins over a name. One rule, kept in
+    :func:`clada_export.model.loading.resolve_model_dir`."""
     from clada_export.model.loading import resolve_model_dir
 
     return resolve_model_dir(model)
