@@ -2,6 +2,8 @@
 // clada/controller.hpp: the core builds without any JSON library.
 #include <clada/controller.hpp>
 
+#include "check.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -10,29 +12,6 @@
 #include <vector>
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    ++g_checks;                                                                      \
-    if (!(cond)) {                                                                   \
-      ++g_failures;                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                                \
-  } while (0)
-
-#define CHECK_NEAR(a, b, tol)                                                                         \
-  do {                                                                                                \
-    ++g_checks;                                                                                       \
-    const double a_ = (a), b_ = (b);                                                                  \
-    if (!(std::fabs(a_ - b_) <= (tol))) {                                                             \
-      ++g_failures;                                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK_NEAR failed: %s=%.17g %s=%.17g\n", __FILE__, __LINE__, #a, a_, \
-                   #b, b_);                                                                           \
-    }                                                                                                 \
-  } while (0)
 
 using clada::ControllerConfig;
 using clada::Profile;
@@ -270,6 +249,5 @@ int main() {
   test_determinism_and_batch_independence();
   test_prefix_scale();
   test_config_validation();
-  std::printf("%d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return clada_test::check_summary();
 }

@@ -11,6 +11,8 @@
 #include <clada/profile_reader.hpp>
 #include <clada/trace.hpp>
 
+#include "check.hpp"
+
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -21,18 +23,6 @@
 #include <vector>
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    ++g_checks;                                                                      \
-    if (!(cond)) {                                                                   \
-      ++g_failures;                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                                \
-  } while (0)
 
 using clada::ControllerConfig;
 using clada::json::Json;
@@ -202,6 +192,5 @@ int main(int argc, char** argv) {
   test_config_json();
   test_writer();
   test_profile_reader();
-  std::printf("%d checks, %d failures\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return clada_test::check_summary();
 }
