@@ -109,6 +109,17 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
+def native_library_or_skip():
+    """The CUDA kernel library (clada_export.ops.native.load_library()); skips the test when it
+    is not built (the skip says how to build it)."""
+    from clada_export.ops import native
+
+    try:
+        return native.load_library()
+    except native.NativeKernelsUnavailable as e:
+        pytest.skip(str(e))
+
+
 def find_nvcc() -> str | None:
     """nvcc on PATH, in /usr/local/cuda, or named by $CUDACXX; None if absent."""
     import os

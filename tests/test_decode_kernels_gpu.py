@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clada_export.ops import native
+from conftest import native_library_or_skip
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,10 +21,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
-    try:
-        return native.load_library()
-    except native.NativeKernelsUnavailable as e:
-        pytest.skip(str(e))
+    return native_library_or_skip()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

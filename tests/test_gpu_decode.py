@@ -6,19 +6,12 @@ model is not carried to the GPU machine by these tests.)"""
 import pytest
 import torch
 
+from conftest import native_library_or_skip
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def _native_or_skip():
-    from clada_export.ops import native
-
-    try:
-        native.load_library()
-    except native.NativeKernelsUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +59,7 @@ def test_cuda_backend_at_zero_thresholds_matches_torch_bf16(gpu_checkpoint, mlp)
     """Teacher-forced over 32 steps at zero thresholds, the cuda backend's logits stay within
     bf16 rounding of the torch backend running the same bf16 model eagerly (bound: relative
     L2 error <= 2e-2 per step; measured on the H200 in benchmarks/results)."""
-    _native_or_skip()
+    native_library_or_skip()
     from clada_export.model.loading import load_decoder
     from clada_export.runtime.backends import CudaBackend, TorchBackend
 
@@ -88,7 +81,7 @@ def test_cuda_backend_at_zero_thresholds_matches_torch_bf16(gpu_checkpoint, mlp)
 def test_thresholds_update_between_replays(gpu_checkpoint):
     """One captured graph serves every threshold: raising them changes the output, and the
     kernel's row counts show it read fewer weight rows."""
-    _native_or_skip()
+    native_library_or_skip()
     from clada_export.model.loading import load_decoder
     from clada_export.runtime.backends import CudaBackend
 
@@ -116,7 +109,7 @@ def test_dense_rule_picks_by_measured_bytes(gpu_checkpoint):
     """The never-slower-than-dense rule: measured times are sane, a step runs dense exactly
     when the kernel's predicted time at the last measured byte fraction exceeds the dense
     time, and on the dense graph the kernel runs again every PROBE_EVERY-th step."""
-    _native_or_skip()
+    native_library_or_skip()
     from clada_export.model.loading import load_decoder
     from clada_export.runtime.backends import CudaBackend
     from clada_export.runtime.cuda_graph import PROBE_EVERY, DenseRule
@@ -151,7 +144,7 @@ def test_dense_rule_picks_by_measured_bytes(gpu_checkpoint):
 def test_generate_cli_on_the_cuda_backend(tiny_chat_export, tmp_path, capsys):
     """`generate --backend cuda` end to end (tiny export with a profile): streams text,
     writes the trace and the plot, reports the backend; a dtype it does not run is one line."""
-    _native_or_skip()
+    native_library_or_skip()
     from conftest import one_line_error, run_cli
 
     trace, plot = tmp_path / "t.jsonl", tmp_path / "p.png"
@@ -171,7 +164,7 @@ def test_sparsity_reached_meets_the_profile(mode):
     """With a profile at 50% (recorded on random tokens, SmolLM2-135M's shape with random
     weights), the MLP sparsity the kernel measures while generating (bytes skipped, from its
     row counts) is within 0.02 of the target, for static thresholds and for the controller."""
-    _native_or_skip()
+    native_library_or_skip()
     import numpy as np
 
     from clada_export.runtime import bench

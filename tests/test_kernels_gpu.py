@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from clada_export.ops import native
+from conftest import native_library_or_skip
 from clada_export.ops.sparse_mlp import dense_mlp, sparse_mlp_reference
 
 pytestmark = [
@@ -38,10 +39,7 @@ _cache: dict = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
-    try:
-        return native.load_library()
-    except native.NativeKernelsUnavailable as e:
-        pytest.skip(str(e))
+    return native_library_or_skip()
 
 
 def weights(hidden: int, inter: int, dtype: torch.dtype, seed: int = 0):
