@@ -268,8 +268,7 @@ def sparse_mlp_cuda_into(
         ctypes.addressof(_tuning),
         stream,
     )
-    if status != 0:
-        raise RuntimeError(f"clada_sparse_mlp failed: {lib.clada_error_string(status).decode()} (status {status})")
+    _check_status("clada_sparse_mlp", status)
     return out
 
 
@@ -446,8 +445,7 @@ def decode_attention_cuda_op(
         out.data_ptr(), batch, heads, kv_heads, head_dim, max_len, window, scale, _DTYPES[q.dtype],
         ws.data_ptr(), ws.numel(), 1 if zeroed else 0, torch.cuda.current_stream(q.device).cuda_stream,
     )
-    if status != 0:
-        raise RuntimeError(f"clada_decode_attention failed: {lib.clada_error_string(status).decode()} (status {status})")
+    _check_status("clada_decode_attention", status)
     return out
 
 
