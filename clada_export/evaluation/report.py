@@ -155,6 +155,18 @@ def render_markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_plot(fig, ax, out: Path, name: str, made: list[str], **legend) -> None:
+    """Legend (small type), tight layout, ``out / name`` as a 110-dpi PNG; closes the figure
+    and records ``name`` in ``made``."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8, **legend)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    made.append(name)
+
+
 def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -172,11 +184,7 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
         ax.axhline(dense["ppl"], color="k", ls="--", lw=1, label="dense")
     ax.set_xlabel("target mean MLP byte sparsity")
     ax.set_ylabel("perplexity (held-out windows, decode steps)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_sparsity.png", dpi=110)
-    plt.close(fig)
-    made.append("perplexity_vs_sparsity.png")
+    _save_plot(fig, ax, out, "perplexity_vs_sparsity.png", made)
 
     trace = next((r["perplexity"]["trace"] for r in rows if r["method"] == "dynamic" and r.get("perplexity")
                   and r["perplexity"].get("trace")), None)
@@ -189,11 +197,7 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
         ax.plot(steps, [t.get("target", np.nan) for t in trace], lw=0.8, ls=":", label="step target")
         ax.set_xlabel("decode step (first perplexity window)")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "dynamic_trace.png", dpi=110)
-        plt.close(fig)
-        made.append("dynamic_trace.png")
+        _save_plot(fig, ax, out, "dynamic_trace.png", made, loc="lower right")
 
     speed_path = out / "speed.json"
     if speed_path.is_file():
@@ -209,11 +213,7 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=m)
         ax.set_xlabel("decode speedup over dense (GPU, bench)")
         ax.set_ylabel("accuracy drop vs dense (%)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_speedup.png", dpi=110)
-        plt.close(fig)
-        made.append("accuracy_vs_speedup.png")
+        _save_plot(fig, ax, out, "accuracy_vs_speedup.png", made)
     return made
 
 
