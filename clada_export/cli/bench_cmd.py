@@ -65,9 +65,11 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
             raise UserError(f"--synthetic {args.synthetic} builds a GPU-sized model; run it on a GPU, or bench an export")
         if backends != ["cuda"]:
             raise UserError("--synthetic runs the cuda backend only; drop --backends")
-        factories, profile, model_name, vocab, dtype = _synthetic(args)
+        factories, profile, model_name, vocab, dtype = bench.synthetic_backends(args.synthetic, args.sparsity,
+                                                                                args.dtype, args.compile)
     else:
-        factories, profile, model_name, vocab, dtype = _export(args, backends)
+        factories, profile, model_name, vocab, dtype = bench.export_backends(Path(args.export_dir), backends,
+                                                                             args.dtype, args.compile)
     device = "cuda" if set(backends) <= {"cuda", "tensorrt"} else "cpu"
     result = bench.BenchResult(device=bench.device_name(device), model=model_name, dtype=dtype,
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
@@ -81,60 +83,3 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     print(result.markdown())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
 
-
-def _cuda_factory(sparse):
-    """The dense cases run the same weights on cuBLAS with thresholds ignored."""
-    from clada_export.runtime.backends import CudaBackend
-
-    dense = CudaBackend(sparse.model, mlp="plain", compile=sparse.compile, path=sparse.path)
-    return lambda mode: dense if mode == "dense" else sparse
-
-
-def _synthetic(args: argparse.Namespace):
-    import torch
-
-    from clada_export.runtime import bench
-
-    cfg, theta = bench.SYNTHETIC[args.synthetic]
-    model = bench.synthetic_model(cfg, theta, getattr(torch, args.dtype), "cuda")
-    profile = bench.synthetic_profile(model, args.sparsity)
-    note = f"{args.synthetic} shape, random weights, profile on random tokens at {args.sparsity:.0%}"
-    from clada_export.runtime.backends import CudaBackend
-
-    return {"cuda": _cuda_factory(CudaBackend(model, compile=args.compile))}, profile, note, cfg.vocab_size, args.dtype
-
-
-def _export(args: argparse.Namespace, backends: list[str]):
-    from clada_export.export.onnx_export import read_manifest
-    from clada_export.model.loading import load_decoder
-    from clada_export.profile import SparsityProfile
-    from clada_export.runtime.backends import OnnxRuntimeBackend, TorchBackend, open_cuda_backend
-
-    export_dir = Path(args.export_dir)
-    manifest = read_manifest(export_dir)
-    profile_path = export_dir / "profile.json"
-    profile = SparsityProfile.load(profile_path) if profile_path.is_file() else None
-    source = manifest.get("source")
-    factories = {}
-    for name in backends:
-        if name == "onnxruntime":
-            ort = OnnxRuntimeBackend(export_dir)
-            factories[name] = lambda mode, b=ort: b
-            continue
-        if name == "tensorrt":
-            from clada_export.runtime.tensorrt_backend import TensorRTBackend
-
-            trt_backend = TensorRTBackend(export_dir)
-            factories[name] = lambda mode, b=trt_backend: b
-            continue
-        if not source or not Path(source).is_dir():
-            raise UserError(f"--backends {name} loads the checkpoint this export came from ({source}), which is not "
-                            "there any more; use --backends onnxruntime or re-export")
-        if name == "torch":
-            model, _ = load_decoder(Path(source))
-            torch_backend = TorchBackend(model, "cpu")
-            factories[name] = lambda mode, b=torch_backend: b
-        else:
-            factories[name] = _cuda_factory(open_cuda_backend(Path(source), dtype=args.dtype, compile=args.compile))
-    dtype = args.dtype if backends == ["cuda"] else f"{manifest.get('dtype', 'float32')} (cpu)"
-    return factories, profile, f"export {export_dir.name}", manifest["config"]["vocab_size"], dtype

@@ -269,6 +269,14 @@ def _copy_tokenizer(model_dir: Path, dest: Path) -> None:
         shutil.copy2(model_dir / "config.json", dest / "config.json")
 
 
+def read_export_profile(export_dir: Path):
+    """The sparsity profile an export carries (``profile.json``), or None when it has none."""
+    from clada_export.profile import SparsityProfile
+
+    path = Path(export_dir) / "profile.json"
+    return SparsityProfile.load(path) if path.is_file() else None
+
+
 def read_manifest(export_dir: Path) -> dict[str, Any]:
     """The export's manifest (``clada_export.json``), every field the toolchain reads checked
     (types, ranges, file names that stay inside the directory); a malformed one is a

@@ -325,3 +325,59 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine() or "CPU"
+
+
+def _cuda_factory(sparse) -> Callable[[str], Backend]:
+    """The dense cases run the same weights on cuBLAS with thresholds ignored."""
+    from clada_export.runtime.backends import CudaBackend
+
+    dense = CudaBackend(sparse.model, mlp="plain", compile=sparse.compile, path=sparse.path)
+    return lambda mode: dense if mode == "dense" else sparse
+
+
+def synthetic_backends(name: str, sparsity: float, dtype: str, compile: bool):
+    """The cuda backend on a published model shape (:data:`SYNTHETIC`) with random weights and
+    a profile recorded on random tokens: (factories, profile, model description, vocab, dtype)."""
+    from clada_export.runtime.backends import CudaBackend
+
+    cfg, theta = SYNTHETIC[name]
+    model = synthetic_model(cfg, theta, getattr(torch, dtype), "cuda")
+    profile = synthetic_profile(model, sparsity)
+    note = f"{name} shape, random weights, profile on random tokens at {sparsity:.0%}"
+    return {"cuda": _cuda_factory(CudaBackend(model, compile=compile))}, profile, note, cfg.vocab_size, dtype
+
+
+def export_backends(export_dir: Path, backends: list[str], dtype: str, compile: bool):
+    """The named backends on an export (the checkpoint it came from for torch and cuda) and its
+    profile, if any: (factories, profile, model description, vocab, dtype)."""
+    from clada_export.errors import UserError
+    from clada_export.export.onnx_export import read_export_profile, read_manifest
+    from clada_export.model.loading import load_decoder
+    from clada_export.runtime.backends import OnnxRuntimeBackend, TorchBackend, open_cuda_backend
+
+    manifest = read_manifest(export_dir)
+    profile = read_export_profile(export_dir)
+    source = manifest.get("source")
+    factories = {}
+    for name in backends:
+        if name == "onnxruntime":
+            ort = OnnxRuntimeBackend(export_dir)
+            factories[name] = lambda mode, b=ort: b
+            continue
+        if name == "tensorrt":
+            from clada_export.runtime.tensorrt_backend import TensorRTBackend
+
+            trt_backend = TensorRTBackend(export_dir)
+            factories[name] = lambda mode, b=trt_backend: b
+            continue
+        if not source or not Path(source).is_dir():
+            raise UserError(f"--backends {name} loads the checkpoint this export came from ({source}), which is not "
+                            "there any more; use --backends onnxruntime or re-export")
+        if name == "torch":
+            model, _ = load_decoder(Path(source))
+            torch_backend = TorchBackend(model, "cpu")
+            factories[name] = lambda mode, b=torch_backend: b
+        else:
+            factories[name] = _cuda_factory(open_cuda_backend(Path(source), dtype=dtype, compile=compile))
+    dtype = dtype if backends == ["cuda"] else f"{manifest.get('dtype', 'float32')} (cpu)"
+    return factories, profile, f"export {export_dir.name}", manifest["config"]["vocab_size"], dtype
