@@ -42,3 +42,23 @@ def load_export_tokenizer(export_dir: Path, manifest: dict):
     if not manifest.get("tokenizer"):
         raise UserError(f"{export_dir} has no tokenizer; re-export from a checkpoint directory that has one")
     return AutoTokenizer.from_pretrained(export_dir / manifest["tokenizer"], local_files_only=True)
+
+
+def encode_prompts(tok, texts: list[str], chat: bool) -> tuple[list[str], list[list[int]]]:
+    """The prompts' token ids (and their texts, wrapped in the chat template when ``chat``);
+    refuses an empty prompt."""
+    if any(not t.strip() for t in texts):
+        raise UserError("a --prompt is empty or only whitespace; give some text")
+    if chat:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                 for t in texts]
+    prompts = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a --prompt tokenizes to no tokens; give some text")
+    return texts, prompts
+
+
+def eos_token_ids(tok) -> list[int]:
+    """The tokenizer's end-of-sequence ids as a list (none, one or several)."""
+    eos = tok.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])

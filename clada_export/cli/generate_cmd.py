@@ -50,12 +50,11 @@ def add_parsers(sub, _add_model_arg) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from clada_export.export.onnx_export import read_manifest
-    from clada_export.profile import SparsityProfile
-    from clada_export.prompts import fit_prompts, load_export_tokenizer
+    from clada_export.export.onnx_export import read_export_profile, read_manifest
+    from clada_export.prompts import encode_prompts, eos_token_ids, fit_prompts, load_export_tokenizer
     from clada_export.runtime.backends import open_backend
-    from clada_export.runtime.controller import ThresholdController, load_controller_config
-    from clada_export.runtime.generator import Generator
+    from clada_export.runtime.controller import load_controller_config
+    from clada_export.runtime.generator import Generator, summary_stats, threshold_mode
     from clada_export.runtime.sampling import SamplingConfig
 
     export_dir = Path(args.export_dir)
@@ -68,36 +67,15 @@ def run_generate(args: argparse.Namespace) -> None:
         raise UserError(str(e)) from None
     controller_config = load_controller_config(args.controller)
     tok = load_export_tokenizer(export_dir, manifest)
-    texts = args.prompt
-    if any(not t.strip() for t in texts):
-        raise UserError("a --prompt is empty or only whitespace; give some text")
-    if args.chat:
-        texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-                 for t in texts]
-    prompts = [tok(t, add_special_tokens=not args.chat)["input_ids"] for t in texts]
-    if any(len(p) == 0 for p in prompts):
-        raise UserError("a --prompt tokenizes to no tokens; give some text")
+    texts, prompts = encode_prompts(tok, args.prompt, args.chat)
     prompts = fit_prompts(prompts, args.max_new_tokens, manifest, args.truncate_prompt)
 
-    profile_path = export_dir / "profile.json"
-    profile = SparsityProfile.load(profile_path) if profile_path.is_file() else None
-    factory, static, mode = None, None, "dense"
-    controllers: list[ThresholdController] = []
+    profile = read_export_profile(export_dir)
     if profile is None and not args.dense:
         print("note: this export has no sparsity profile, so it runs dense; "
               "export with --profile for CLADA thresholds", file=sys.stderr)
-    elif profile is not None and not args.dense:
-        if args.static:
-            static, mode = profile.static_thresholds(), "static"
-        else:
-            def factory(batch: int) -> ThresholdController:
-                controllers.append(ThresholdController(profile, controller_config, batch=batch, trace=args.trace))
-                return controllers[-1]
-
-            mode = "dynamic"
-
-    eos = tok.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    factory, static, mode, controllers = threshold_mode(profile, args.dense, args.static, controller_config, args.trace)
+    eos_ids = eos_token_ids(tok)
     backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
     gen = Generator(backend, eos_token_ids=eos_ids, controller_factory=factory, static_thresholds=static)
 
@@ -128,14 +106,7 @@ def run_generate(args: argparse.Namespace) -> None:
         for text, ids in zip(texts, result.tokens):
             print(f"--- {text!r}\n{tok.decode(ids, skip_special_tokens=True)}")
 
-    sp = result.sparsity[~np.isnan(result.sparsity)]
-    stats = [f"{result.new_tokens} tokens", f"decode {result.decode_tokens_per_second:.1f} tokens/s",
-             f"backend {args.backend}", f"thresholds {mode}"]
-    if mode == "dynamic" and sp.size:
-        stats.append(f"mean MLP sparsity {sp.mean():.3f} (target {profile.target_sparsity:.2f})")
-        stats.append(f"denser on {100 * result.denser.mean():.0f}% of steps")
-    elif mode == "static":
-        stats.append(f"MLP sparsity {profile.mean_byte_sparsity():.3f}")
+    stats = summary_stats(result, args.backend, mode, profile)
     print("[" + ", ".join(stats) + "]", file=sys.stderr)
     if args.trace and mode != "dynamic":
         print("note: --trace records controller decisions; none were made in this mode", file=sys.stderr)

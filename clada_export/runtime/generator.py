@@ -149,3 +149,35 @@ class Generator:
             prefill_seconds=t_prefill,
             decode_seconds=t_decode,
         )
+
+
+def threshold_mode(profile, dense: bool, static: bool, controller_config, trace: str | None):
+    """How an export's generation picks thresholds: dense (no profile, or ``dense``), the
+    profile's static thresholds, or a controller per generation. Returns (controller_factory,
+    static_thresholds, mode, controllers), where ``controllers`` collects the controllers made."""
+    factory, static_thresholds, mode = None, None, "dense"
+    controllers: list[ThresholdController] = []
+    if profile is not None and not dense:
+        if static:
+            static_thresholds, mode = profile.static_thresholds(), "static"
+        else:
+            def factory(batch: int) -> ThresholdController:
+                controllers.append(ThresholdController(profile, controller_config, batch=batch, trace=trace))
+                return controllers[-1]
+
+            mode = "dynamic"
+    return factory, static_thresholds, mode, controllers
+
+
+def summary_stats(result: GenerationResult, backend: str, mode: str, profile) -> list[str]:
+    """One generation's figures, for a one-line summary: tokens, decode speed, backend, threshold
+    mode and the sparsity reached (dynamic: mean chosen and how often denser; static: the profile's)."""
+    sp = result.sparsity[~np.isnan(result.sparsity)]
+    stats = [f"{result.new_tokens} tokens", f"decode {result.decode_tokens_per_second:.1f} tokens/s",
+             f"backend {backend}", f"thresholds {mode}"]
+    if mode == "dynamic" and sp.size:
+        stats.append(f"mean MLP sparsity {sp.mean():.3f} (target {profile.target_sparsity:.2f})")
+        stats.append(f"denser on {100 * result.denser.mean():.0f}% of steps")
+    elif mode == "static":
+        stats.append(f"MLP sparsity {profile.mean_byte_sparsity():.3f}")
+    return stats
