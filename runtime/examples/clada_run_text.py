@@ -39,14 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
 
-    from clada_export.cli.generate_cmd import load_tokenizer
+    from clada_export.prompts import eos_token_ids, load_export_tokenizer
     from clada_export.export.onnx_export import read_manifest
 
     export_dir = Path(args.export_dir)
-    tok = load_tokenizer(export_dir, read_manifest(export_dir))
+    tok = load_export_tokenizer(export_dir, read_manifest(export_dir))
     prompts = [tok(text)["input_ids"] for text in args.prompt]
-    eos = tok.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_ids = eos_token_ids(tok)
     cmd = [args.runner, str(export_dir), "--max-new-tokens", str(args.max_new_tokens), *extra]
     for e in eos_ids:
         cmd += ["--eos", str(e)]
