@@ -37,14 +37,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from clada_export import atomic
 from clada_export.errors import UserError
 from clada_export.profile import SparsityProfile, interp_rows
+from clada_export.validate import Fields
 
 TRACE_FORMAT = "clada-controller-trace"
 TRACE_VERSION = 2  # 2: NaN and infinities as strings, so that traces are strict JSON
@@ -116,6 +119,10 @@ class ControllerConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0.0):
                 bad(f"{name} must be a finite number >= 0, got {v}")
+        for name in ("min_sparsity", "max_sparsity", "target"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                bad(f"{name} must be null or a finite byte sparsity in [0, 1], got {v}")
         if not 0.0 < self.scale_min <= 1.0 <= self.scale_max:
             bad(f"need 0 < scale_min <= 1 <= scale_max, got [{self.scale_min}, {self.scale_max}]")
 
@@ -271,8 +278,9 @@ class ThresholdController:
         trace: str | os.PathLike | IO[str] | None = None,
         keep_records: bool = False,
     ) -> None:
-        """``trace``: a path (opened line-buffered, closed by :meth:`close` or the
-        context manager) or an open text file; every trace record is written there as
+        """``trace``: a path (written line-buffered to a temporary beside it, renamed
+        into place by :meth:`close` or a clean exit of the context manager; removed on an
+        exception, :meth:`abort` or, never closed, at exit) or an open text file; every trace record is written there as
         one JSON line as soon as it is made. ``keep_records``: also keep them in
         :attr:`records` (tests, replay). Without either, no record is built."""
         self.profile = profile
@@ -317,12 +325,28 @@ class ThresholdController:
         self._keep_records = bool(keep_records)
         self._trace_file: IO[str] | None = None
         self._own_trace = False
+        self._trace_target: Path | None = None
+        self._trace_tmp: Path | None = None
+        self._trace_cleanup: weakref.finalize | None = None
         if trace is not None:
             if hasattr(trace, "write"):
                 self._trace_file = trace  # type: ignore[assignment]
             else:
-                self._trace_file = open(trace, "w", buffering=1)  # line-buffered: complete lines on disk
+                # written beside the target under a temporary name and renamed into place by
+                # close(), so a killed run never leaves half a trace where the user looks
+                target = Path(trace)
+                atomic.remove_stale(target)
+                tmp = atomic.temp_path(target)
+                try:
+                    self._trace_file = open(tmp, "w", buffering=1)  # line-buffered: complete lines on disk
+                except OSError as e:
+                    raise UserError(f"cannot write the controller trace {target} ({e.strerror or e}); "
+                                    "choose a writable --trace path") from None
                 self._own_trace = True
+                self._trace_target, self._trace_tmp = target, tmp
+                # never closed (an exception, SIGTERM or Ctrl-C unwinding past the caller):
+                # the temporary goes at garbage collection or interpreter exit
+                self._trace_cleanup = weakref.finalize(self, _discard_trace, self._trace_file, tmp)
         self._tracing = self._keep_records or self._trace_file is not None
         if self._tracing:
             self._emit(self._config_record())
@@ -426,17 +450,49 @@ class ThresholdController:
         return [r for r in self.records if r["event"] == "step"]
 
     def close(self) -> None:
-        if self._trace_file is not None:
-            self._trace_file.flush()
-            if self._own_trace:
-                self._trace_file.close()
-            self._trace_file = None
+        """Finish the trace: flush it (a file object given as ``trace``) or close it and
+        rename it into place (a path)."""
+        if self._trace_file is None:
+            return
+        f, self._trace_file = self._trace_file, None
+        if not self._own_trace:
+            f.flush()
+            return
+        assert self._trace_tmp is not None and self._trace_target is not None
+        if self._trace_cleanup is not None:
+            self._trace_cleanup.detach()
+        try:
+            f.close()
+            os.replace(self._trace_tmp, self._trace_target)
+        except BaseException as e:
+            _discard_trace(f, self._trace_tmp)
+            if isinstance(e, OSError):
+                raise UserError(f"cannot write the controller trace {self._trace_target} "
+                                f"({e.strerror or e}); choose a writable --trace path") from None
+            raise
+
+    def abort(self) -> None:
+        """Drop an unfinished trace: a path's temporary file is removed, the target left
+        as it was."""
+        if self._trace_file is None:
+            return
+        f, self._trace_file = self._trace_file, None
+        if not self._own_trace:
+            f.flush()
+            return
+        if self._trace_cleanup is not None:
+            self._trace_cleanup.detach()
+        assert self._trace_tmp is not None
+        _discard_trace(f, self._trace_tmp)
 
     def __enter__(self) -> "ThresholdController":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     # -- internals ------------------------------------------------------------------
     def _levels_at(self, shift: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -571,6 +627,18 @@ class ThresholdController:
             self._trace_file.write(json.dumps(_strict(rec), allow_nan=False) + "\n")
 
 
+def _discard_trace(f: IO[str], tmp: Path) -> None:
+    """Close ``f`` and remove the temporary trace ``tmp`` (never the target)."""
+    try:
+        f.close()
+    except OSError:
+        pass
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+
+
 # -- trace files: strict JSON ----------------------------------------------------------
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _STRING_KEYS = {"event", "format", "profile_fingerprint", "state"}  # string fields, never numbers
@@ -599,10 +667,81 @@ def _numbers(v: Any, key: str | None = None) -> Any:
 
 
 # -- trace replay ------------------------------------------------------------------------
+_TRACE_FIX = "record the trace again with `clada-export generate --trace`"
+_CONFIG_KEYS = {"event", "format", "version", "batch", "num_layers", "num_levels", "profile_fingerprint",
+                "target", "min_sparsity", "max_sparsity", "config"}
+_BEGIN_KEYS = {"event", "act_stats", "scale_in_mean", "scale_mid_mean"}
+_STEP_KEYS = {"event", *(f.name for f in fields(Decision)), "thresholds"}
+_TOKEN_MAX = 2**63 - 1
+
+
+def _read_trace_lines(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each non-blank line of a JSONL trace; ``where`` is
+    ``"<path> line <n>"``. Any unreadable line is a one-line UserError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"controller trace {path} does not exist; {_TRACE_FIX}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"controller trace {path} is not readable ({msg}); {_TRACE_FIX}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, a huge integer, deep nesting
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{where} is not valid JSON ({msg}); {_TRACE_FIX}") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{where} holds a JSON {type(rec).__name__}, not a trace record object; {_TRACE_FIX}")
+        out.append((where, _numbers(rec)))
+    return out
+
+
 def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a JSONL trace."""
-    with open(path) as f:
-        return [_numbers(json.loads(line)) for line in f if line.strip()]
+    """All records of a JSONL trace (NaN and infinities back as floats); a line that is
+    not a JSON object is a UserError naming the file and the line. The records' fields
+    are checked by :func:`replay_trace`."""
+    return [rec for _, rec in _read_trace_lines(path)]
+
+
+def _signal(r: Fields, name: str) -> float:
+    """A surprisal or entropy: any number, NaN and infinities included (the controller
+    takes them: NaN never enters the window), within float range."""
+    v = r._get(name, None)
+    if name not in r.d:
+        raise r.fail(name, "is missing")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise r.fail(name, f"must be a number (or \"NaN\", \"Infinity\", \"-Infinity\"), got {_short(v)}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise r.fail(name, f"must be a number within float range, got {_short(v)}") from None
+
+
+def _act_stats(r: Fields, L: int, B: int) -> np.ndarray:
+    """A begin record's ``act_stats``: numbers of shape ``[L, B, 2]``. NaN and infinities
+    pass (the controller gives such an entry the scale 1, as it did when recording)."""
+    v = r._get("act_stats", None)
+    stack = [v]
+    while stack:  # no bools or strings hidden among the numbers (numpy would take them)
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise r.fail("act_stats", f"must be null or a 3-d array of numbers of shape [{L}, {B}, 2], "
+                                      f"holds {_short(x)}")
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise r.fail("act_stats", f"must be null or a 3-d array of numbers of shape [{L}, {B}, 2]") from None
+    if a.shape != (L, B, 2):
+        raise r.fail("act_stats", f"has shape {list(a.shape)}, expected [{L}, {B}, 2] (from num_layers, batch)")
+    return a
 
 
 def replay_trace(
@@ -611,46 +750,96 @@ def replay_trace(
     """Feed a recorded trace's inputs (act_stats, surprisal, entropy, tokens, which
     sequences were active at each step) through a fresh controller built from the
     trace's config record; return the new records (compare them with
-    :func:`compare_traces`)."""
-    recs = read_trace(trace) if not isinstance(trace, list) else trace
-    if not recs or recs[0].get("event") != "config" or recs[0].get("format") != TRACE_FORMAT:
-        raise UserError(f"{trace if not isinstance(trace, list) else 'trace'} is not a controller trace")
-    head = recs[0]
-    if head.get("version") != TRACE_VERSION:
-        raise UserError(f"controller trace version {head.get('version')}, this reads {TRACE_VERSION}; record it again")
-    if head["num_layers"] != profile.num_layers or head["num_levels"] != len(profile.levels):
-        raise UserError("controller trace was recorded with another profile (layer or level count differs)")
-    B = int(head["batch"])
-    ctl = ThresholdController(profile, ControllerConfig.from_dict(head["config"]), batch=B, keep_records=True)
+    :func:`compare_traces`). Every record is checked before use: a malformed one is a
+    one-line UserError naming the file (or "trace") and the line and field."""
+    if isinstance(trace, list):
+        lines = [(f"trace record {i + 1}", r) for i, r in enumerate(trace)]
+        name = "trace"
+    else:
+        lines = _read_trace_lines(trace)
+        name = str(trace)
+    for where, r in lines:
+        if not isinstance(r, dict):
+            raise UserError(f"{where} is a {type(r).__name__}, not a trace record object; {_TRACE_FIX}")
+    if not lines:
+        raise UserError(f"{name} is empty, not a controller trace; {_TRACE_FIX}")
+    where, head_rec = lines[0]
+    head = Fields(head_rec, where, _TRACE_FIX)
+    if head_rec.get("event") != "config" or head_rec.get("format") != TRACE_FORMAT:
+        raise UserError(f"{name} is not a controller trace (its first record is not a {TRACE_FORMAT} config "
+                        f"record); {_TRACE_FIX}")
+    version = head_rec.get("version")
+    if isinstance(version, bool) or version != TRACE_VERSION:
+        raise UserError(f"{where}: controller trace version {_short(version)}, this reads {TRACE_VERSION}; "
+                        "record it again")
+    head.check_keys(_CONFIG_KEYS)
+    B = head.int("batch", lo=1)
+    num_layers = head.int("num_layers", lo=1)
+    num_levels = head.int("num_levels", lo=1)
+    assert B is not None and num_layers is not None and num_levels is not None
+    if B > _INT_MAX:
+        raise head.fail("batch", f"must be at most {_INT_MAX}, got {B}")
+    if num_layers != profile.num_layers or num_levels != len(profile.levels):
+        raise UserError(f"{where}: controller trace was recorded with another profile (num_layers {num_layers}, "
+                        f"num_levels {num_levels}; the profile has {profile.num_layers} and "
+                        f"{len(profile.levels)})")
+    cfg = head.obj("config")
+    assert cfg is not None
+    try:
+        config = ControllerConfig.from_dict(cfg.d)
+        config.validate()
+        ctl = ThresholdController(profile, config, batch=B, keep_records=True)
+    except UserError as e:
+        raise UserError(f"{where}: field config: {e}") from None
+
+    L = profile.num_layers
+    max_step = len(lines)  # each step with an active sequence writes at least one record
     i = 1
-    while i < len(recs):
-        r = recs[i]
-        if r["event"] == "begin":
-            ctl.begin(None if r["act_stats"] is None else np.asarray(r["act_stats"], dtype=np.float64))
+    while i < len(lines):
+        where, r = lines[i]
+        f = Fields(r, where, _TRACE_FIX)
+        event = f.str("event", choices=("begin", "step"))
+        if event == "begin":
+            f.check_keys(_BEGIN_KEYS)
+            act = None if r.get("act_stats", 0) is None else _act_stats(f, L, B)
+            ctl.begin(act)
             i += 1
             continue
-        if r["event"] != "step":
-            raise UserError(f"unknown trace event {r['event']!r}")
-        t = r["step"]
-        group = []
-        while i < len(recs) and recs[i]["event"] == "step" and recs[i]["step"] == t:
-            group.append(recs[i])
-            i += 1
-        while ctl._step_index < t:  # steps where no sequence was active
-            ctl.step(np.zeros(B), np.zeros(B), active=np.zeros(B, dtype=bool))
+        t = f.int("step", lo=0)
+        assert t is not None
+        if t > max_step:
+            raise f.fail("step", f"must be at most {max_step} (the trace's record count), got {t}")
+        if t < ctl._step_index:
+            raise f.fail("step", f"goes back to {t} after step {ctl._step_index - 1} without a begin record")
         u = np.zeros(B)
         e = np.zeros(B)
         tok: list[int] = [0] * B
         has_tok = True
-        act = np.zeros(B, dtype=bool)
-        for g in group:
-            b = g["seq"]
-            u[b], e[b], act[b] = g["surprisal"], g["entropy"], True
-            if g["token"] is None:
+        active = np.zeros(B, dtype=bool)
+        while i < len(lines):
+            where, r = lines[i]
+            g = Fields(r, where, _TRACE_FIX)
+            if g.str("event", choices=("begin", "step")) != "step" or g.int("step", lo=0) != t:
+                break
+            g.check_keys(_STEP_KEYS)
+            b = g.int("seq", lo=0)
+            assert b is not None
+            if b >= B:
+                raise g.fail("seq", f"must be in [0, batch={B}), got {b}")
+            if active[b]:
+                raise g.fail("seq", f"repeats sequence {b} within step {t}")
+            u[b], e[b], active[b] = _signal(g, "surprisal"), _signal(g, "entropy"), True
+            token = g.int("token", optional=True)
+            if token is None:
                 has_tok = False
             else:
-                tok[b] = g["token"]
-        ctl.step(u, e, tokens=tok if has_tok else None, active=act)
+                if not -_TOKEN_MAX <= token <= _TOKEN_MAX:
+                    raise g.fail("token", f"must be a 64-bit integer, got {_short(token)}")
+                tok[b] = token
+            i += 1
+        while ctl._step_index < t:  # steps where no sequence was active
+            ctl.step(np.zeros(B), np.zeros(B), active=np.zeros(B, dtype=bool))
+        ctl.step(u, e, tokens=tok if has_tok else None, active=active)
     return ctl.records
 
 
