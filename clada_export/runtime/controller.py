@@ -452,15 +452,10 @@ class ThresholdController:
     def close(self) -> None:
         """Finish the trace: flush it (a file object given as ``trace``) or close it and
         rename it into place (a path)."""
-        if self._trace_file is None:
+        f = self._release_trace()
+        if f is None:
             return
-        f, self._trace_file = self._trace_file, None
-        if not self._own_trace:
-            f.flush()
-            return
-        assert self._trace_tmp is not None and self._trace_target is not None
-        if self._trace_cleanup is not None:
-            self._trace_cleanup.detach()
+        assert self._trace_target is not None
         try:
             f.close()
             os.replace(self._trace_tmp, self._trace_target)
@@ -474,16 +469,24 @@ class ThresholdController:
     def abort(self) -> None:
         """Drop an unfinished trace: a path's temporary file is removed, the target left
         as it was."""
+        f = self._release_trace()
+        if f is not None:
+            _discard_trace(f, self._trace_tmp)
+
+    def _release_trace(self):
+        """Detach the open trace: a caller's file object is flushed and left to the caller
+        (``None``); our own temporary file is returned for ``close`` to rename or ``abort``
+        to discard."""
         if self._trace_file is None:
-            return
+            return None
         f, self._trace_file = self._trace_file, None
         if not self._own_trace:
             f.flush()
-            return
+            return None
+        assert self._trace_tmp is not None
         if self._trace_cleanup is not None:
             self._trace_cleanup.detach()
-        assert self._trace_tmp is not None
-        _discard_trace(f, self._trace_tmp)
+        return f
 
     def __enter__(self) -> "ThresholdController":
         return self
