@@ -130,7 +130,7 @@ def test_models_decode_through_fused_attention(family, tiny_checkpoints, tmp_pat
     """Whole models (Llama 3 RoPE scaling, Mistral's sliding window, Qwen2's q/k/v
     biases, Qwen3's q/k norms) decode the same through the cuda backend's graph (one q/k/v
     GEMV, the decode attention kernel; dense MLP) as through the reference model, in bf16."""
-    from conftest import TINY
+    from conftest import TINY, make_checkpoint
     from transformers import Qwen3Config
 
     from clada_export.model.loading import load_decoder
@@ -138,7 +138,7 @@ def test_models_decode_through_fused_attention(family, tiny_checkpoints, tmp_pat
 
     path = tiny_checkpoints[family]
     if family == "qwen3":  # the shared tiny Qwen3 has head_dim 24, which the kernel does not take
-        path = make_checkpoint_from(Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True), tmp_path / "qwen3")
+        path = make_checkpoint(Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True), tmp_path / "qwen3")
     ref_model, _ = load_decoder(path, dtype=torch.bfloat16, device="cuda")
     fast_model, _ = load_decoder(path, dtype=torch.bfloat16, device="cuda")
     L = ref_model.cfg.num_layers
@@ -157,16 +157,3 @@ def test_models_decode_through_fused_attention(family, tiny_checkpoints, tmp_pat
         logits[name] = torch.stack(steps)
     err = _rel(logits["fast"], logits["ref"])
     assert err <= 2e-2, f"{family}: fused decode attention vs reference attention: {err:.3e}"
-
-
-def make_checkpoint_from(cfg, path):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    return path

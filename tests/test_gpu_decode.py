@@ -6,7 +6,7 @@ model is not carried to the GPU machine by these tests.)"""
 import pytest
 import torch
 
-from conftest import native_library_or_skip
+from conftest import make_checkpoint, native_library_or_skip
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,19 +16,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gpu_checkpoint(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("gpu") / "llama"
-    model.save_pretrained(path)
-    return path
+    return make_checkpoint(cfg, tmp_path_factory.mktemp("gpu") / "llama", std=0.05)
 
 
 def _rel(a, b):

@@ -2,6 +2,10 @@
 
 import json
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pytest
 import torch
@@ -12,6 +16,7 @@ from clada_export.runtime.backends import OnnxRuntimeBackend, TorchBackend
 from clada_export.runtime.controller import ControllerConfig, ThresholdController
 from clada_export.runtime.generator import Generator
 from clada_export.runtime.sampling import SamplingConfig
+from conftest import one_line_error
 
 
 def _prompts():
@@ -66,7 +71,9 @@ def test_generate_cli_streams_traces_and_plots(tiny_chat_export, tmp_path, capsy
     assert "tokens/s" in stderr and "mean MLP sparsity" in stderr and "denser on" in stderr
     records = [json.loads(l) for l in trace.read_text().splitlines()]
     assert records[0]["event"] == "config" and sum(r["event"] == "step" for r in records) >= 1
-    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    image = plt.imread(plot)  # a real figure: two panels of lines, not a blank canvas
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
+    assert image[..., :3].std() > 0.05 and (image[..., :3] < 0.5).mean() > 0.005
     # the static mode and the torch backend run too
     assert main(["generate", str(out), "--prompt", "w5 w9", "--max-new-tokens", "5", "--static",
                  "--backend", "torch"]) == 0
@@ -77,4 +84,6 @@ def test_generate_cli_errors(tiny_export, tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a clada-export output" in capsys.readouterr().err
     assert main(["generate", str(tiny_export), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens" in one_line_error(capsys.readouterr().err)
     assert main(["generate", str(tiny_export), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in one_line_error(capsys.readouterr().err).replace("-", "_")
