@@ -23,13 +23,13 @@ import argparse
 import math
 import os
 import re
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from clada_export.ops import native
+from clada_export.runtime.cuda_graph import median_replay_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,16 +59,9 @@ def time_graph(fn, calls: int, repeats: int = REPEATS) -> float:
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / calls)
+    seconds = median_replay_seconds(g, repeats) / calls
     del g
-    return statistics.median(times)
+    return seconds
 
 
 def copy_bandwidth() -> float:

@@ -112,23 +112,18 @@ def load_library() -> ctypes.CDLL:
             )
         lib.clada_sparse_mlp_workspace_size.restype = ctypes.c_size_t
         lib.clada_sparse_mlp_workspace_size.argtypes = [ctypes.c_int] * 3
+        sparse_mlp_args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.clada_sparse_mlp.restype = ctypes.c_int
-        lib.clada_sparse_mlp.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
+        lib.clada_sparse_mlp.argtypes = sparse_mlp_args
         lib.clada_sparse_mlp_counted.restype = ctypes.c_int
-        lib.clada_sparse_mlp_counted.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
+        # one more pointer, row_counts, before config and stream: the same types, one longer
+        lib.clada_sparse_mlp_counted.argtypes = sparse_mlp_args + [ctypes.c_void_p]
         for name in ("clada_mask_input", "clada_gate_mask"):
             getattr(lib, name).restype = ctypes.c_int
         lib.clada_mask_input.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]

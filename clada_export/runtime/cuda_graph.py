@@ -173,10 +173,10 @@ def _time_graph(fn, repeats: int = 7) -> float:
     with torch.cuda.graph(graph):
         fn()
     graph.replay()
-    return _median_replay_seconds(graph, repeats)
+    return median_replay_seconds(graph, repeats)
 
 
-def _median_replay_seconds(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+def median_replay_seconds(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
     """Median seconds of one replay of a captured ``graph`` over ``repeats`` timed replays."""
     times = []
     for _ in range(repeats):
@@ -316,7 +316,7 @@ class CudaGraphDecode:
         """Median seconds of one replay of ``variant``'s graph on its current buffers (the
         device's share of a step, without the host's; rewrites the last step's cache slot)."""
         graph, _ = self._graphs[variant]
-        return _median_replay_seconds(graph, repeats)
+        return median_replay_seconds(graph, repeats)
 
     def finish(self) -> None:
         """Read the last step's row counts (call after the last step of a generation)."""
