@@ -125,3 +125,58 @@ def test_dynamic_method_runs_the_controller_per_step(tiny_checkpoints, tiny_prof
     dense = score_continuations(model, Method("dense", None, "static"), ctx, cont)
     assert s.logprobs[0] != pytest.approx(dense.logprobs[0], abs=1e-4)
     assert s.token_logprobs[0][0] == pytest.approx(dense.token_logprobs[0][0], abs=1e-6)  # dense prefill
+
+
+def _dynamic(profile):
+    from clada_export.runtime.controller import ControllerConfig
+
+    # a short window so that the controller leaves its warm-up and changes state within
+    # the continuation: the fixed point then has decisions to get right
+    return Method("dynamic", 0.5, "dynamic", profile=profile,
+                  config=ControllerConfig(window=4, min_history=4, payback_steps=4, high=0.7, high_margin=0.05))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "clada_ref"])
+def test_fixed_point_equals_the_step_by_step_decode(tiny_checkpoints, tiny_profile, kind):
+    from clada_export.model.loading import load_decoder
+
+    model, _ = load_decoder(tiny_checkpoints["llama"])
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randint(0, model.cfg.vocab_size, (12,), generator=g).tolist()
+    conts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (48, 37)]
+    method = _dynamic(tiny_profile) if kind == "dynamic" else Method("clada_ref", 0.5, "clada_ref",
+                                                                      info={"rule": {"window": 10, "percentile": 0.7}})
+    step = score_continuations(model, method, ctx, conts, trace=True, protocol="stepwise")
+    fixed = score_continuations(model, method, ctx, conts, trace=True, protocol="fixed_point")
+    assert fixed.fallbacks == 0 and fixed.passes > 1  # it iterated, and converged
+    for a, b in zip(step.token_logprobs, fixed.token_logprobs):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_allclose(step.logprobs, fixed.logprobs, atol=1e-4)
+    if kind == "dynamic":
+        # the same decisions: state, target and thresholds of every step of every sequence
+        assert len(step.trace) == len(fixed.trace) == 47 + 36
+        assert len({r["state"] for r in step.trace}) > 1  # the controller did react
+        for r, q in zip(step.trace, fixed.trace):
+            assert (r["step"], r["seq"], r["state"]) == (q["step"], q["seq"], q["state"])
+            assert r["t_in_mean"] == q["t_in_mean"] and r["t_mid_mean"] == q["t_mid_mean"]
+            assert r["surprisal"] == pytest.approx(q["surprisal"], abs=1e-4)
+    else:
+        assert step.reselections == fixed.reselections > 0
+    # not the same as never reacting: the static start differs
+    if kind == "clada_ref":
+        griffin = score_continuations(model, Method("griffin", 0.5, "griffin"), ctx, conts)
+        assert not np.allclose(griffin.logprobs, fixed.logprobs, atol=1e-4)
+
+
+def test_fixed_point_falls_back_to_step_by_step_at_the_cap(tiny_checkpoints, tiny_profile):
+    from clada_export.model.loading import load_decoder
+
+    model, _ = load_decoder(tiny_checkpoints["llama"])
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randint(0, model.cfg.vocab_size, (12,), generator=g).tolist()
+    conts = [torch.randint(0, model.cfg.vocab_size, (48,), generator=g).tolist()]
+    method = _dynamic(tiny_profile)
+    step = score_continuations(model, method, ctx, conts, protocol="stepwise")
+    capped = score_continuations(model, method, ctx, conts, max_passes=1)
+    assert capped.fallbacks == 1
+    np.testing.assert_allclose(step.token_logprobs[0], capped.token_logprobs[0], atol=1e-6)

@@ -23,7 +23,9 @@ def add_parsers(sub, add_model_arg) -> None:
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="a checkpoint directory or a named model (`clada-export models list`; default: the default model)")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (created; reused to resume)")
-    p.add_argument("--tasks", default="all", help="comma-separated task names, or all (default)")
+    p.add_argument("--tasks", default="all",
+                   help="comma-separated task names, all (default), or none (perplexity only; a later run with "
+                        "tasks and the same settings resumes the same results)")
     p.add_argument("--limit", type=int, default=50, help="documents per task, a fixed seeded subset (default 50)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the subsets (default 1234)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.4, 0.5], metavar="S",

@@ -187,28 +187,38 @@ def top_k_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class MaskedMLP(nn.Module):
-    """A layer's gated MLP restricted to selected neurons, ``mask [B, F]`` per sequence
-    (None: all): ``y = (h * mask) W_down`` -- the same values as slicing the three
-    matrices to the selected neurons. With ``record`` it also accumulates each
+    """A layer's gated MLP restricted to selected neurons, ``mask`` per sequence ``[B, F]``
+    or per token ``[B, T, F]`` (None: all): ``y = (h * mask) W_down`` -- the same values
+    as slicing the three matrices to the selected neurons (per token: each position as
+    its own decode step would slice them). With ``record`` it also accumulates each
     sequence's Griffin statistic (sum over tokens of the squared, row-normalised dense
-    activations) for re-selection."""
+    activations) for re-selection; with ``record_tokens`` it keeps that statistic's
+    per-token terms ``tok_sq [B, T, F]`` instead (the teacher-forced re-selection
+    replay sums them causally)."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
         self.mask: torch.Tensor | None = None
         self.record = False
+        self.record_tokens = False
         self.sumsq: torch.Tensor | None = None  # [B, F]
+        self.tok_sq: torch.Tensor | None = None  # [B, T, F]
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         m = self.inner
         h = gated_intermediate(x, m.w_gate_t, m.w_up_t, m.act)
-        if self.record:
+        if self.record or self.record_tokens:
             hn = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
-            add = (hn.float() ** 2).sum(dim=1)
-            self.sumsq = add if self.sumsq is None else self.sumsq + add
+            sq = hn.float() ** 2
+            if self.record_tokens:
+                self.tok_sq = sq
+            else:
+                add = sq.sum(dim=1)
+                self.sumsq = add if self.sumsq is None else self.sumsq + add
         if self.mask is not None:
-            h = h * self.mask[:, None, :].to(h.dtype)
+            mask = self.mask if self.mask.dim() == 3 else self.mask[:, None, :]
+            h = h * mask.to(h.dtype)
         return h @ m.w_down_t
 
 
@@ -275,7 +285,8 @@ class Method:
 
     @property
     def stepwise(self) -> bool:
-        """Continuations decoded step by step (the method reacts to each token)."""
+        """The method reacts to each token: scored by the causal fixed point (or step by
+        step), see ``scoring``."""
         return self.kind in ("clada_ref", "dynamic")
 
     def keep(self, width: int) -> int:

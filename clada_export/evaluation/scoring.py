@@ -3,12 +3,29 @@
 The context is prefilled once, dense (as the runtime's Generator prefills), into a KV
 cache sized for its longest continuation; the continuations (a task's choices, or the
 rest of a perplexity window) are then run from that cache as one batch: in one pass for
-methods whose sparsity does not depend on the tokens (static thresholds, Griffin), or
-one decode step at a time for those that react to each token (the dynamic controller,
-the CLADA reference rule). Either way every continuation token runs at exactly the
-sparsity it would have as a decode step. Shorter continuations are right-padded with
-their last token; padded positions come after the real ones, so under the causal mask
-they change nothing that is scored.
+methods whose sparsity does not depend on the tokens (static thresholds, Griffin), or,
+for those that react to each token (the dynamic controller, the CLADA reference rule),
+by a causal fixed point of teacher-forced passes that equals the step-by-step decode:
+
+* A decode step's sparsity (the controller's thresholds, or the re-selected neurons)
+  at position t is a function of the signals (logits) of positions < t, and those
+  depend only on the sparsity at positions < t. So: run the whole continuation in one
+  pass at guessed per-token sparsities (``thresholds [L, B, T, 2]``, which the
+  reference op takes per token; per-token masks for the selection), replay the
+  controller (or the re-selection rule) over the pass's logits to get every position's
+  sparsity, and repeat with those until a pass reproduces its own input. Then, by
+  induction over t, each position ran at the sparsity the controller chose from logits
+  computed at exactly those sparsities: the step-by-step result, up to float rounding
+  of a batched pass against single steps. Position t is right after at most t + 1
+  passes, so the iteration always converges within T passes; past ``max_passes`` the
+  window falls back to the step-by-step protocol (counted in ``Scored.fallbacks``).
+* ``protocol="stepwise"`` runs the step-by-step decode itself (the definition the
+  fixed point is tested against, tests/test_methods.py).
+
+Either way every continuation token runs at exactly the sparsity it would have as a
+decode step. Shorter continuations are right-padded with their last token; padded
+positions come after the real ones, so under the causal mask they change nothing that
+is scored.
 """
 
 from __future__ import annotations
@@ -39,6 +56,8 @@ class Scored:
     selection_sparsity: float | None = None
     reselections: int = 0
     trace: list[dict] = field(default_factory=list)
+    passes: int = 0  # teacher-forced passes of the fixed point (0: one pass or stepwise by design)
+    fallbacks: int = 0  # 1 when the fixed point hit max_passes and the window ran step by step
 
 
 def _expand_cache(caches: list[torch.Tensor], B: int) -> list[torch.Tensor]:
@@ -66,11 +85,20 @@ def _gather(first_logits: torch.Tensor, rest_logits: torch.Tensor | None, cont: 
     return lps, greedy, per_tok
 
 
+MAX_PASSES = 12
+PROTOCOLS = ("fixed_point", "stepwise")
+
+
 def score_continuations(model, method: Method, ctx_ids: list[int], conts: list[list[int]],
-                        meter: SparsityMeter | None = None, trace: bool = False) -> Scored:
+                        meter: SparsityMeter | None = None, trace: bool = False, protocol: str = "fixed_point",
+                        max_passes: int = MAX_PASSES) -> Scored:
     """Log-likelihoods of ``conts`` after ``ctx_ids`` under ``method`` (see module doc).
     ``meter``: a SparsityMeter (not entered) that measures the threshold methods' decode
-    steps; ``trace``: keep the dynamic controller's per-step records."""
+    steps; ``trace``: keep the dynamic controller's per-step records; ``protocol``: how
+    the methods that react to each token are run (``fixed_point`` or ``stepwise``,
+    the same result), ``max_passes`` the fixed point's cap."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     L = model.cfg.num_layers
     B = len(conts)
     cont, lens = _pad(conts)
@@ -80,7 +108,7 @@ def score_continuations(model, method: Method, ctx_ids: list[int], conts: list[l
     k, v = model.new_cache(1, P + n)
     with torch.inference_mode():
         if method.kind in ("griffin", "clada_ref"):
-            return _score_selection(model, method, ctx, cont, lens, k, v)
+            return _score_selection(model, method, ctx, cont, lens, k, v, protocol, max_passes)
         out = model(ctx, torch.arange(P)[None], k, v, torch.zeros(L, 1, 2), with_stats=method.kind == "dynamic")
         k, v = _expand_cache(out.k_caches, B), _expand_cache(out.v_caches, B)
         first = out.logits.expand(B, -1)
@@ -95,6 +123,8 @@ def score_continuations(model, method: Method, ctx_ids: list[int], conts: list[l
             lps, greedy, per_tok = _gather(first, rest, cont, lens)
             return Scored(lps, greedy, per_tok, B * (n - 1))
         if method.kind == "dynamic":
+            if protocol == "fixed_point" and n > 1:
+                return _dynamic_fixed_point(model, method, out, first, cont, lens, k, v, meter, trace, max_passes)
             return _score_dynamic(model, method, out, first, cont, lens, k, v, meter, trace)
     raise ValueError(f"unknown method kind {method.kind!r}")
 
@@ -134,8 +164,73 @@ def _score_dynamic(model, method: Method, out, first, cont, lens, k, v, meter, t
     return Scored(lps, greedy, per_tok, int((lens - 1).clamp(min=0).sum()), trace=records)
 
 
-def _score_selection(model, method: Method, ctx, cont, lens, k, v) -> Scored:
-    """Griffin (one pass) and the CLADA reference rule (step by step), on masked MLPs."""
+def _signals(logits: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Surprisal of ``token [B]`` and entropy (nats) under ``logits [B, V]``: the signals
+    a decode step hands the controller, computed per step as the step-wise decode does
+    (the same shapes, so the same rounding)."""
+    entropy, lse = cognitive_signals(logits)
+    return lse - logits.gather(-1, token[:, None])[:, 0], entropy
+
+
+def _step_logits(first: torch.Tensor, rest: torch.Tensor, t: int) -> torch.Tensor:
+    """The logits that predict continuation token ``t``: the prefill's for t = 0, else
+    the pass's output at position t - 1."""
+    return first if t == 0 else rest[:, t - 1]
+
+
+def _replay_controller(method: Method, act_stats: np.ndarray, first, rest, cont, lens, trace: bool
+                       ) -> tuple[np.ndarray, list[dict]]:
+    """Every decode step's thresholds ``[L, B, n-1, 2]`` as a fresh controller chooses
+    them from the logits of one teacher-forced pass (and the trace records)."""
+    from clada_export.runtime.controller import ThresholdController
+
+    B, n = cont.shape
+    sink = io.StringIO() if trace else None
+    ctl = ThresholdController(method.profile, method.config, batch=B, trace=sink)
+    ctl.begin(act_stats)
+    thr = np.empty((ctl.L, B, n - 1, 2), np.float32)
+    for t in range(n - 1):
+        surprisal, entropy = _signals(_step_logits(first, rest, t), cont[:, t])
+        thr[:, :, t] = ctl.step(surprisal.cpu().numpy(), entropy.cpu().numpy(), tokens=cont[:, t].numpy(),
+                                active=(lens > t + 1).numpy())
+    records = []
+    if sink is not None:
+        records = [r for r in map(json.loads, sink.getvalue().splitlines()) if r.get("event") == "step"]
+    return thr, records
+
+
+def _dynamic_fixed_point(model, method: Method, out, first, cont, lens, k, v, meter, trace: bool,
+                         max_passes: int) -> Scored:
+    from clada_export.runtime.controller import ThresholdController
+
+    B, n = cont.shape
+    P = k[0].shape[2] - n
+    act_stats = np.repeat(out.act_stats.cpu().numpy(), B, axis=1)
+    # first guess: the generation's starting thresholds (prefix scale, no token control)
+    # at every position; the warm-up keeps early steps there anyway
+    start = ThresholdController(method.profile, method.config, batch=B).begin(act_stats)
+    thr = np.repeat(start[:, :, None, :], n - 1, axis=2)
+    pos = (P + torch.arange(n - 1))[None].expand(B, n - 1)
+    for p in range(1, max_passes + 1):
+        # only the pass that turns out to be the fixed point may count towards the meter
+        saved = None if meter is None else (meter.zero.copy(), meter.count.copy())
+        with meter if meter is not None else _Null():
+            rest = model(cont[:, :-1], pos, k, v, torch.from_numpy(thr), all_logits=True).logits
+        new, records = _replay_controller(method, act_stats, first, rest, cont, lens, trace)
+        if np.array_equal(new, thr):
+            lps, greedy, per_tok = _gather(first, rest, cont, lens)
+            return Scored(lps, greedy, per_tok, int((lens - 1).clamp(min=0).sum()), trace=records, passes=p)
+        if saved is not None:
+            meter.zero, meter.count = saved
+        thr = new
+    s = _score_dynamic(model, method, out, first, cont, lens, k, v, meter, trace)
+    s.passes, s.fallbacks = max_passes, 1
+    return s
+
+
+def _score_selection(model, method: Method, ctx, cont, lens, k, v, protocol: str, max_passes: int) -> Scored:
+    """Griffin (one pass) and the CLADA reference rule (fixed point or step by step), on
+    masked MLPs."""
     L = model.cfg.num_layers
     B, n = cont.shape
     P = ctx.shape[1]
@@ -148,7 +243,9 @@ def _score_selection(model, method: Method, ctx, cont, lens, k, v) -> Scored:
         for m in mlps:
             m.sumsq = m.sumsq.expand(B, -1).clone()
             m.mask = top_k_mask(m.sumsq, keep)
-            m.record = method.kind == "clada_ref"
+            m.record = False
+        prompt_sq = [m.sumsq.clone() for m in mlps]
+        passes = fallbacks = 0
         k, v = _expand_cache(out.k_caches, B), _expand_cache(out.v_caches, B)
         first = out.logits.expand(B, -1)
         zeros = torch.zeros(L, B, 2)
@@ -158,21 +255,82 @@ def _score_selection(model, method: Method, ctx, cont, lens, k, v) -> Scored:
             if n > 1:
                 pos = (P + torch.arange(n - 1))[None].expand(B, n - 1)
                 rest = model(cont[:, :-1], pos, k, v, zeros, all_logits=True).logits
+        elif protocol == "fixed_point" and n > 1:
+            rest, reselections, passes, fallbacks = _reselect_fixed_point(model, method, mlps, first, cont, lens, k,
+                                                                          v, keep, max_passes)
+            if fallbacks:
+                rest, reselections = _reselect_stepwise(model, method, mlps, prompt_sq, first, cont, lens, k, v,
+                                                        keep)
         else:
-            rules = [ReselectRule(**method.info.get("rule", {})) for _ in range(B)]
-            logits, steps = first, []
-            for t in range(n - 1):
-                entropy, lse = cognitive_signals(logits)
-                surprisal = lse - logits.gather(-1, cont[:, t:t + 1])[:, 0]
-                for b in range(B):
-                    if t + 1 < int(lens[b]) and rules[b].observe(float(surprisal[b]), float(entropy[b])):
-                        reselections += 1
-                        for m in mlps:
-                            m.mask[b] = top_k_mask(m.sumsq[b:b + 1], keep)[0]
-                o = model(cont[:, t:t + 1], torch.full((B, 1), P + t), k, v, zeros)
-                k, v, logits = o.k_caches, o.v_caches, o.logits
-                steps.append(logits)
-            rest = torch.stack(steps, 1) if steps else None
+            rest, reselections = _reselect_stepwise(model, method, mlps, prompt_sq, first, cont, lens, k, v, keep)
     lps, greedy, per_tok = _gather(first, rest, cont, lens)
     return Scored(lps, greedy, per_tok, int((lens - 1).clamp(min=0).sum()),
-                  selection_sparsity=1.0 - keep / width, reselections=reselections)
+                  selection_sparsity=1.0 - keep / width, reselections=reselections, passes=passes,
+                  fallbacks=fallbacks)
+
+
+def _reselect_stepwise(model, method: Method, mlps, prompt_sq, first, cont, lens, k, v, keep: int):
+    """The CLADA reference rule decoded step by step: before each step, a sequence whose
+    signals fire re-selects its neurons from the statistic of everything so far."""
+    L = model.cfg.num_layers
+    B, n = cont.shape
+    P = k[0].shape[2] - n
+    zeros = torch.zeros(L, B, 2)
+    for m, sq in zip(mlps, prompt_sq):
+        m.sumsq, m.mask, m.record, m.record_tokens = sq.clone(), top_k_mask(sq, keep), True, False
+    rules = [ReselectRule(**method.info.get("rule", {})) for _ in range(B)]
+    logits, steps, reselections = first, [], 0
+    for t in range(n - 1):
+        surprisal, entropy = _signals(logits, cont[:, t])
+        for b in range(B):
+            if t + 1 < int(lens[b]) and rules[b].observe(float(surprisal[b]), float(entropy[b])):
+                reselections += 1
+                for m in mlps:
+                    m.mask[b] = top_k_mask(m.sumsq[b:b + 1], keep)[0]
+        o = model(cont[:, t:t + 1], torch.full((B, 1), P + t), k, v, zeros)
+        k, v, logits = o.k_caches, o.v_caches, o.logits
+        steps.append(logits)
+    for m in mlps:
+        m.record = False
+    return (torch.stack(steps, 1) if steps else None), reselections
+
+
+def _reselect_fixed_point(model, method: Method, mlps, first, cont, lens, k, v, keep: int, max_passes: int):
+    """The CLADA reference rule as a causal fixed point (module doc): per-token masks in
+    one pass, the rule replayed over the pass's signals, re-selections from the causal
+    running statistic (the prompt's, then each position's term in order: the same
+    additions, in the same order, as the step-wise decode makes)."""
+    L = model.cfg.num_layers
+    B, n = cont.shape
+    P = k[0].shape[2] - n
+    zeros = torch.zeros(L, B, 2)
+    prompt_sq = [m.sumsq.clone() for m in mlps]
+    initial = [top_k_mask(sq, keep) for sq in prompt_sq]
+    masks = [im[:, None, :].expand(B, n - 1, im.shape[-1]).clone() for im in initial]
+    pos = (P + torch.arange(n - 1))[None].expand(B, n - 1)
+    reselections = 0
+    for p in range(1, max_passes + 1):
+        for m, mk in zip(mlps, masks):
+            m.mask, m.record, m.record_tokens, m.tok_sq = mk, False, True, None
+        rest = model(cont[:, :-1], pos, k, v, zeros, all_logits=True).logits
+        # running[l][:, t]: the statistic after the prompt and positions < t
+        running = [torch.cumsum(torch.cat([sq[:, None], m.tok_sq], 1), dim=1) for sq, m in zip(prompt_sq, mlps)]
+        current = [im.clone() for im in initial]
+        new = [torch.empty_like(mk) for mk in masks]
+        rules = [ReselectRule(**method.info.get("rule", {})) for _ in range(B)]
+        reselections = 0
+        for t in range(n - 1):
+            surprisal, entropy = _signals(_step_logits(first, rest, t), cont[:, t])
+            for b in range(B):
+                if t + 1 < int(lens[b]) and rules[b].observe(float(surprisal[b]), float(entropy[b])):
+                    reselections += 1
+                    for cur, run in zip(current, running):
+                        cur[b] = top_k_mask(run[b:b + 1, t], keep)[0]
+            for nw, cur in zip(new, current):
+                nw[:, t] = cur
+        for m in mlps:
+            m.record_tokens, m.tok_sq = False, None
+        if all(torch.equal(a, b) for a, b in zip(new, masks)):
+            return rest, reselections, p, 0
+        masks = new
+    return None, 0, max_passes, 1

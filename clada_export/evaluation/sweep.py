@@ -24,7 +24,7 @@ from clada_export.errors import UserError
 from clada_export.evaluation import tasks as task_mod
 from clada_export.evaluation.methods import (METHOD_NAMES, Method, TealLookup, allocation_info, collect_mlp_inputs,
                                              static_method, teal_lookup)
-from clada_export.evaluation.scoring import score_continuations
+from clada_export.evaluation.scoring import MAX_PASSES, score_continuations
 
 RESULT_FORMAT = "clada-evidence-result"
 
@@ -180,6 +180,7 @@ def run_task(model, tokenizer, method: Method, items: list, progress: bool = Tru
 
     meter = SparsityMeter(model, h_rows=8)
     correct, tokens, steps, resel, sel_sp = [], 0, 0, 0, None
+    passes, fallbacks, contexts = 0, 0, 0
     t0 = time.perf_counter()
     for item in tqdm(items, desc=f"{method.key}: {items[0].task if items else ''}", unit="doc", file=sys.stderr,
                      disable=not progress, leave=False):
@@ -195,6 +196,7 @@ def run_task(model, tokenizer, method: Method, items: list, progress: bool = Tru
             tokens += len(encoded[idxs[0]][0]) + sum(len(encoded[i][1]) for i in idxs)
             steps += s.steps
             resel += s.reselections
+            passes, fallbacks, contexts = passes + s.passes, fallbacks + s.fallbacks, contexts + 1
             sel_sp = s.selection_sparsity if s.selection_sparsity is not None else sel_sp
         picked = task_mod.choose(item.metric, lps, greedy, [x for _, x in item.requests])
         correct.append(bool(picked) if item.metric == "last_word" else picked == item.gold)
@@ -204,7 +206,17 @@ def run_task(model, tokenizer, method: Method, items: list, progress: bool = Tru
     return {"acc": acc, "se": se, "n": len(correct), "metric": items[0].metric if items else None,
             "correct": [int(c) for c in correct], "doc_ids": [it.doc_id for it in items],
             "byte_sparsity": realized, "decode_steps": steps, "tokens": tokens, "reselections": resel,
-            "seconds": round(seconds, 2), "seconds_per_doc": round(seconds / max(len(items), 1), 4)}
+            "seconds": round(seconds, 2), "seconds_per_doc": round(seconds / max(len(items), 1), 4),
+            **_fixed_point_summary(method, passes, fallbacks, contexts)}
+
+
+def _fixed_point_summary(method: Method, passes: int, fallbacks: int, runs: int) -> dict:
+    """How the step-wise methods were run: teacher-forced passes per scored context
+    (or window) and how many fell back to the step-by-step decode."""
+    if not method.stepwise:
+        return {}
+    return {"fixed_point": {"runs": runs, "passes": passes, "mean_passes": round(passes / max(runs, 1), 3),
+                            "fallbacks": fallbacks, "max_passes": MAX_PASSES}}
 
 
 def run_perplexity(model, method: Method, windows: torch.Tensor, prefix: int, progress: bool = True) -> dict:
@@ -214,6 +226,7 @@ def run_perplexity(model, method: Method, windows: torch.Tensor, prefix: int, pr
 
     meter = SparsityMeter(model, h_rows=8)
     sums, n_tok, trace, sel_sp, resel = [], 0, [], None, 0
+    passes, fallbacks = 0, 0
     t0 = time.perf_counter()
     for w in tqdm(range(windows.shape[0]), desc=f"{method.key}: perplexity", unit="window", file=sys.stderr,
                   disable=not progress, leave=False):
@@ -225,10 +238,12 @@ def run_perplexity(model, method: Method, windows: torch.Tensor, prefix: int, pr
             trace = s.trace
         sel_sp = s.selection_sparsity if s.selection_sparsity is not None else sel_sp
         resel += s.reselections
+        passes, fallbacks = passes + s.passes, fallbacks + s.fallbacks
     nll = float(np.sum(sums)) / max(n_tok, 1)
     realized = sel_sp if sel_sp is not None else (meter.byte_sparsity() if meter.count.sum() else None)
     return {"ppl": math.exp(nll), "nll": nll, "tokens": n_tok, "window_nll": sums, "byte_sparsity": realized,
-            "reselections": resel, "seconds": round(time.perf_counter() - t0, 2), "trace": _slim_trace(trace)}
+            "reselections": resel, "seconds": round(time.perf_counter() - t0, 2), "trace": _slim_trace(trace),
+            **_fixed_point_summary(method, passes, fallbacks, windows.shape[0])}
 
 
 def _slim_trace(records: list[dict]) -> list[dict]:
@@ -259,23 +274,31 @@ def run_sweep(settings: SweepSettings, out: Path, progress: bool = True) -> list
         windows, _ = evaluation_windows(tokenizer, None, settings.ppl_windows * settings.ppl_window,
                                         settings.ppl_window)
     methods = build_methods(model, tokenizer, hf_config, settings, out, progress)
+    # Perplexity of every method first: it is the cheapest signal, so an interrupted
+    # sweep has compared all methods on it before spending hours on the tasks.
+    phases = (["perplexity"] if windows is not None else []) + ["tasks"]
     paths = []
-    for method in methods:
-        path = _result_path(out, method)
-        res = open_result(path, method, settings, str(model_dir))
-        for t in pending_tasks(res, settings):
-            res["tasks"][t] = run_task(model, tokenizer, method, items[t], progress)
-            write_json(path, res)  # saved as each task finishes: an interrupted sweep resumes here
-        if windows is not None and res.get("perplexity") is None:
-            res["perplexity"] = run_perplexity(model, method, windows, settings.prefix, progress)
-        res["complete"] = all(t in res["tasks"] for t in settings.tasks)
-        res["model_load_seconds"] = round(load_s, 1)
-        write_json(path, res)
-        paths.append(path)
-        if progress:
-            accs = [res["tasks"][t]["acc"] for t in settings.tasks]
-            ppl = res["perplexity"]["ppl"] if res.get("perplexity") else float("nan")
-            print(f"{method.key}: mean accuracy {np.mean(accs):.4f}, perplexity {ppl:.3f}", file=sys.stderr)
+    for phase in phases:
+        for method in methods:
+            path = _result_path(out, method)
+            res = open_result(path, method, settings, str(model_dir))
+            if phase == "perplexity" and res.get("perplexity") is None:
+                res["perplexity"] = run_perplexity(model, method, windows, settings.prefix, progress)
+            if phase == "tasks":
+                for t in pending_tasks(res, settings):
+                    res["tasks"][t] = run_task(model, tokenizer, method, items[t], progress)
+                    write_json(path, res)  # saved as each task finishes: an interrupted sweep resumes here
+            res["complete"] = all(t in res["tasks"] for t in settings.tasks) and (
+                windows is None or res.get("perplexity") is not None)
+            res["model_load_seconds"] = round(load_s, 1)
+            write_json(path, res)
+            if phase == phases[-1]:
+                paths.append(path)
+            if progress:
+                accs = [res["tasks"][t]["acc"] for t in settings.tasks if t in res["tasks"]]
+                ppl = res["perplexity"]["ppl"] if res.get("perplexity") else float("nan")
+                acc = f"{np.mean(accs):.4f}" if accs else "n/a"
+                print(f"{method.key} [{phase}]: mean accuracy {acc}, perplexity {ppl:.3f}", file=sys.stderr)
     return paths
 
 

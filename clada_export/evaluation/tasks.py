@@ -81,9 +81,13 @@ def tasks_root() -> Path:
 
 
 def parse_tasks(text: str | None) -> list[str]:
-    """``"all"``/None -> the nine tasks; else a comma-separated list of known names."""
+    """``"all"``/None -> the nine tasks; ``"none"`` -> no task (perplexity only, the
+    cheapest signal: a later run with tasks resumes the same results); else a
+    comma-separated list of known names."""
     if text is None or text.strip() in ("", "all"):
         return list(TASKS)
+    if text.strip() == "none":
+        return []
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown:
