@@ -1,4 +1,5 @@
-"""Build hook: compile the CUDA kernel library (plugins/kernels) with CMake during the install.
+"""Build hook: compile the CUDA kernel library (plugins/kernels) and the CPU kernel library
+(plugins/cpu) with CMake during the install.
 
 ``pip install .`` (or a wheel build) puts ``libclada_kernels.so`` into the package as
 ``clada_export/lib/libclada_kernels.so``; ``pip install -e .`` writes it there in the source
@@ -9,6 +10,9 @@ Environment:
   CLADA_CUDA_ARCHS   CMake CUDA architectures (default: the compute capability nvidia-smi
                      reports, else ``90-real``, i.e. Hopper only; e.g. "80-real;90-real;90-virtual")
   CLADA_BUILD_KERNELS  ``0`` skips the build; ``1`` makes a failed or impossible build an error
+  CLADA_BUILD_CPU_KERNELS  the same for ``libclada_cpu.so``, which needs cmake and a C++17
+                     compiler only (no nvcc): without them the install succeeds, and the torch
+                     backend says how to build it (``clada_export/ops/cpu_kernel.py``)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ except ImportError:  # an older setuptools without build isolation: its wheels k
 
 ROOT = Path(__file__).resolve().parent
 LIB_NAME = "libclada_kernels.so"
+CPU_LIB_NAME = "libclada_cpu.so"
 PACKAGE_LIB = Path("clada_export") / "lib"
 
 
@@ -115,8 +120,57 @@ class build_kernels(Command):
         return []
 
 
+def find_cxx() -> str | None:
+    for candidate in (os.environ.get("CXX"), shutil.which("c++"), shutil.which("g++"), shutil.which("clang++")):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+class build_cpu_kernels(build_kernels):
+    """Configure and build plugins/cpu with CMake and the C++ compiler, then copy
+    libclada_cpu.so into the package. Independent of nvcc and of the CUDA build."""
+
+    description = "build libclada_cpu.so (C++, CPU) into clada_export/lib"
+
+    def _target(self) -> Path:
+        return (ROOT if self.editable_mode else Path(self.build_lib)) / PACKAGE_LIB / CPU_LIB_NAME
+
+    def run(self) -> None:
+        mode = os.environ.get("CLADA_BUILD_CPU_KERNELS", "")
+        if mode == "0":
+            return
+        cxx, cmake = find_cxx(), shutil.which("cmake")
+        if cxx is None or cmake is None:
+            missing = "a C++ compiler" if cxx is None else "cmake"
+            if mode == "1":
+                raise SystemExit(f"CLADA_BUILD_CPU_KERNELS=1 but {missing} was not found")
+            print(f"clada-export: {missing} not found, installing without the CPU kernel library "
+                  "(the torch backend then runs the reference op and says how to build it; docs/cpu.md)",
+                  file=sys.stderr)
+            return
+        build_dir = Path(self.build_temp).resolve() / "clada_cpu"
+        configure = [cmake, "-S", str(ROOT / "plugins" / "cpu"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_CXX_COMPILER={cxx}"]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        print(f"clada-export: building {CPU_LIB_NAME} with {cxx}", file=sys.stderr)
+        try:
+            subprocess.run(configure, check=True)
+            subprocess.run([cmake, "--build", str(build_dir), "--target", "clada_cpu", "-j",
+                            str(os.cpu_count() or 2)], check=True)
+        except subprocess.CalledProcessError as exc:
+            if mode == "1":
+                raise
+            print(f"clada-export: building {CPU_LIB_NAME} failed ({exc}); installing without it", file=sys.stderr)
+            return
+        target = self._target()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build_dir / CPU_LIB_NAME, target)
+
+
 class build_with_kernels(build):
-    sub_commands = [*build.sub_commands, ("build_kernels", None)]
+    sub_commands = [*build.sub_commands, ("build_kernels", None), ("build_cpu_kernels", None)]
 
 
 if bdist_wheel is not None:
@@ -130,13 +184,15 @@ if bdist_wheel is not None:
 
 
 class BinaryDistribution(Distribution):
-    """With the CUDA library inside, the wheel is platform-specific (not py3-none-any)."""
+    """With a native library inside, the wheel is platform-specific (not py3-none-any)."""
 
     def has_ext_modules(self) -> bool:
-        return os.environ.get("CLADA_BUILD_KERNELS") != "0" and find_nvcc() is not None
+        cuda = os.environ.get("CLADA_BUILD_KERNELS") != "0" and find_nvcc() is not None
+        cpu = os.environ.get("CLADA_BUILD_CPU_KERNELS") != "0" and find_cxx() is not None and shutil.which("cmake")
+        return bool(cuda or cpu)
 
 
-commands = {"build": build_with_kernels, "build_kernels": build_kernels}
+commands = {"build": build_with_kernels, "build_kernels": build_kernels, "build_cpu_kernels": build_cpu_kernels}
 if bdist_wheel is not None:
     commands["bdist_wheel"] = bdist_wheel_any_python
 setup(cmdclass=commands, distclass=BinaryDistribution)

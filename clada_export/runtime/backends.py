@@ -52,16 +52,46 @@ class Backend(abc.ABC):
 
 
 class TorchBackend(Backend):
-    """Our Decoder in PyTorch, eager, through the same wrappers the exporter traces."""
+    """Our Decoder in PyTorch, eager, through the same wrappers the exporter traces.
 
-    def __init__(self, model: Decoder, device: str | torch.device = "cpu"):
+    ``mlp``: what runs the MLPs of decode steps. ``"cpu-kernel"``: the CPU SparseMLP kernel
+    (plugins/cpu), which reads only the weight rows the thresholds keep; ``"reference"``: the
+    reference op (dense products, then masks); ``"auto"``: the kernel for a float32 model on
+    the CPU when its library loads, else the reference, with the reason in ``mlp_note``.
+    Prefill always runs the reference op (dense thresholds, many token rows: GEMMs)."""
+
+    def __init__(self, model: Decoder, device: str | torch.device = "cpu", mlp: str = "auto"):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.num_layers = model.cfg.num_layers
         self.vocab_size = model.cfg.vocab_size
         self._prefill = PrefillGraph(self.model)
-        self._decode = DecodeGraph(self.model)
+        self.mlp, self.mlp_note = self._choose_mlp(mlp)
+        self.mlp_rows_read = torch.zeros(2, dtype=torch.int64)
+        """Weight rows the CPU kernel read, summed over layers and steps: [gate/up rows, down rows]."""
+        if self.mlp == "cpu-kernel":
+            from clada_export.runtime.cpu_mlp import with_cpu_mlp
+
+            self._decode = DecodeGraph(with_cpu_mlp(self.model, self.mlp_rows_read))
+        else:
+            self._decode = DecodeGraph(self.model)
         self._caches: list[torch.Tensor] = []
+
+    def _choose_mlp(self, mlp: str) -> tuple[str, str | None]:
+        from clada_export.ops.cpu_kernel import CpuKernelUnavailable, load_library
+
+        if mlp not in ("auto", "cpu-kernel", "reference"):
+            raise ValueError(f"mlp must be auto, cpu-kernel or reference, got {mlp!r}")
+        if mlp != "auto":
+            return mlp, None
+        dtype = self.model.layers[0].mlp.w_gate_t.dtype
+        if self.device.type != "cpu" or dtype != torch.float32:
+            return "reference", f"the CPU SparseMLP kernel runs float32 on the CPU, not {dtype} on {self.device}"
+        try:
+            load_library()
+        except CpuKernelUnavailable as e:
+            return "reference", str(e)
+        return "cpu-kernel", None
 
     def start(self, batch: int, max_len: int) -> None:
         k, v = self.model.new_cache(batch, max_len, device=self.device)

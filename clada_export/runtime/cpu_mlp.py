@@ -1,0 +1,64 @@
+"""The torch backend's CPU fast path: a view of a Decoder whose MLPs run the CPU SparseMLP
+kernel (``clada::sparse_mlp_cpu``, plugins/cpu).
+
+:func:`with_cpu_mlp` returns a new Decoder object that shares every parameter with the
+model it was made from; only its MLP modules differ. The model itself is not modified, so
+the exporter, calibration and other backends keep seeing the reference op.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from clada_export.model.llama import Decoder, SparseMLP
+from clada_export.ops.cpu_kernel import MAX_ROWS, load_library, sparse_mlp_cpu_op
+
+
+class CpuSparseMLP(nn.Module):
+    """One layer's SparseMLP through the CPU kernel, on the weights of ``mlp``. The kernel
+    adds the weight rows it reads to ``row_counts`` (int64 ``[2]``: gate/up rows, down rows)."""
+
+    def __init__(self, mlp: SparseMLP, row_counts: torch.Tensor):
+        super().__init__()
+        self.mlp = mlp
+        self.row_counts = row_counts
+
+    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] > MAX_ROWS:
+            # A prefill (or a batch over 8): with this many token rows the union of kept rows
+            # is nearly every row, and the reference op's GEMMs are the faster way to read them.
+            return self.mlp(x, thresholds)
+        m = self.mlp
+        return sparse_mlp_cpu_op(x, m.w_gate_t, m.w_up_t, m.w_down_t, thresholds, m.act, self.row_counts)
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.intermediate(x)
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    # a new module object with its own submodule table; parameters and buffers are shared
+    clone = copy.copy(module)
+    clone.__dict__["_modules"] = dict(module._modules)
+    return clone
+
+
+def with_cpu_mlp(model: Decoder, row_counts: torch.Tensor) -> Decoder:
+    """A Decoder sharing ``model``'s weights whose MLPs run the CPU kernel. Raises
+    :class:`~clada_export.ops.cpu_kernel.CpuKernelUnavailable` when the library is missing,
+    ValueError for a model the kernel does not run (not float32 on the CPU)."""
+    load_library()
+    weight = model.layers[0].mlp.w_gate_t
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(f"the CPU SparseMLP kernel runs float32 weights on the CPU, not {weight.dtype} on "
+                         f"{weight.device}")
+    fast = _shallow(model)
+    blocks = []
+    for block in model.layers:
+        b = _shallow(block)
+        b.mlp = CpuSparseMLP(block.mlp, row_counts)
+        blocks.append(b)
+    fast.layers = nn.ModuleList(blocks)
+    return fast
