@@ -85,7 +85,7 @@ def _gather(first_logits: torch.Tensor, rest_logits: torch.Tensor | None, cont: 
     return lps, greedy, per_tok
 
 
-MAX_PASSES = 12
+MAX_PASSES = 64
 PROTOCOLS = ("fixed_point", "stepwise")
 
 
@@ -178,10 +178,34 @@ def _step_logits(first: torch.Tensor, rest: torch.Tensor, t: int) -> torch.Tenso
     return first if t == 0 else rest[:, t - 1]
 
 
-def _replay_controller(method: Method, act_stats: np.ndarray, first, rest, cont, lens, trace: bool
+def _causal_fixed_point(n_pos: int, run, replay, first_change, chunk: int, max_passes: int) -> tuple[int, bool]:
+    """Drive the causal fixed point over positions ``0..n_pos-1`` (module doc).
+
+    ``run(f, end)`` runs positions ``[f, end)`` at the current plan (the per-position
+    sparsity), continuing the KV cache of the positions before ``f``; ``replay(end)``
+    re-derives the plan of every position from the signals of positions ``< end`` (the
+    plan of positions past ``end`` is a guess: its value at ``end``); ``first_change(f,
+    end)`` adopts the replayed plan and returns the first position in ``[f, end)`` where
+    it differs from the one just run, or ``end``. Positions before that are final, so the
+    next pass starts there: each pass finalises at least one position, and a pass runs at
+    most ``chunk`` positions (a plan is rarely right far past its first change).
+    Returns (passes, converged)."""
+    f = 0
+    for p in range(1, max_passes + 1):
+        end = min(f + chunk, n_pos)
+        run(f, end)
+        replay(end)
+        f = first_change(f, end)
+        if f == n_pos:
+            return p, True
+    return max_passes, False
+
+
+def _replay_controller(method: Method, act_stats: np.ndarray, first, rest, cont, lens, upto: int, trace: bool
                        ) -> tuple[np.ndarray, list[dict]]:
-    """Every decode step's thresholds ``[L, B, n-1, 2]`` as a fresh controller chooses
-    them from the logits of one teacher-forced pass (and the trace records)."""
+    """The thresholds ``[L, B, n-1, 2]`` a fresh controller chooses for the decode steps
+    ``t < upto`` from the logits of teacher-forced passes (later steps repeat step
+    ``upto - 1``'s), and the trace records."""
     from clada_export.runtime.controller import ThresholdController
 
     B, n = cont.shape
@@ -189,18 +213,36 @@ def _replay_controller(method: Method, act_stats: np.ndarray, first, rest, cont,
     ctl = ThresholdController(method.profile, method.config, batch=B, trace=sink)
     ctl.begin(act_stats)
     thr = np.empty((ctl.L, B, n - 1, 2), np.float32)
-    for t in range(n - 1):
+    for t in range(upto):
         surprisal, entropy = _signals(_step_logits(first, rest, t), cont[:, t])
         thr[:, :, t] = ctl.step(surprisal.cpu().numpy(), entropy.cpu().numpy(), tokens=cont[:, t].numpy(),
                                 active=(lens > t + 1).numpy())
+    thr[:, :, upto:] = thr[:, :, upto - 1:upto]
     records = []
     if sink is not None:
         records = [r for r in map(json.loads, sink.getvalue().splitlines()) if r.get("event") == "step"]
     return thr, records
 
 
+def _first_change(new: np.ndarray | list[torch.Tensor], old, axis_t: int, f: int, end: int) -> int:
+    """The first position in ``[f, end)`` (along ``axis_t``) where ``new`` and ``old``
+    differ anywhere, else ``end``."""
+    if isinstance(new, np.ndarray):
+        a, b = np.moveaxis(new, axis_t, 0)[f:end], np.moveaxis(old, axis_t, 0)[f:end]
+        diff = (a != b).reshape(end - f, -1).any(1)
+    else:
+        diff = torch.stack([(torch.movedim(x, axis_t, 0)[f:end] != torch.movedim(y, axis_t, 0)[f:end])
+                            .reshape(end - f, -1).any(1) for x, y in zip(new, old)]).any(0).numpy()
+    idx = np.flatnonzero(diff)
+    return f + int(idx[0]) if idx.size else end
+
+
+FIXED_POINT_CHUNK = 64
+
+
 def _dynamic_fixed_point(model, method: Method, out, first, cont, lens, k, v, meter, trace: bool,
                          max_passes: int) -> Scored:
+    """The controller's decode as a causal fixed point (module doc)."""
     from clada_export.runtime.controller import ThresholdController
 
     B, n = cont.shape
@@ -209,23 +251,46 @@ def _dynamic_fixed_point(model, method: Method, out, first, cont, lens, k, v, me
     # first guess: the generation's starting thresholds (prefix scale, no token control)
     # at every position; the warm-up keeps early steps there anyway
     start = ThresholdController(method.profile, method.config, batch=B).begin(act_stats)
-    thr = np.repeat(start[:, :, None, :], n - 1, axis=2)
-    pos = (P + torch.arange(n - 1))[None].expand(B, n - 1)
-    for p in range(1, max_passes + 1):
-        # only the pass that turns out to be the fixed point may count towards the meter
-        saved = None if meter is None else (meter.zero.copy(), meter.count.copy())
-        with meter if meter is not None else _Null():
-            rest = model(cont[:, :-1], pos, k, v, torch.from_numpy(thr), all_logits=True).logits
-        new, records = _replay_controller(method, act_stats, first, rest, cont, lens, trace)
-        if np.array_equal(new, thr):
-            lps, greedy, per_tok = _gather(first, rest, cont, lens)
-            return Scored(lps, greedy, per_tok, int((lens - 1).clamp(min=0).sum()), trace=records, passes=p)
-        if saved is not None:
+    st = {"thr": np.repeat(start[:, :, None, :], n - 1, axis=2), "k": k, "v": v, "new": None, "records": [],
+          "whole": False}
+    rest = torch.empty(B, n - 1, first.shape[-1])
+    saved = None if meter is None else (meter.zero.copy(), meter.count.copy())
+
+    def run(f: int, end: int) -> None:
+        pos = (P + torch.arange(f, end))[None].expand(B, end - f)
+        # only a pass over the whole window may turn out to be the fixed point in one go
+        st["whole"] = f == 0 and end == n - 1
+        if meter is not None:
+            meter.zero, meter.count = saved[0].copy(), saved[1].copy()
+        with meter if meter is not None and st["whole"] else _Null():
+            o = model(cont[:, f:end], pos, st["k"], st["v"], torch.from_numpy(np.ascontiguousarray(st["thr"][:, :, f:end])),
+                      all_logits=True)
+        st["k"], st["v"] = o.k_caches, o.v_caches
+        rest[:, f:end] = o.logits
+
+    def replay(end: int) -> None:
+        st["new"], st["records"] = _replay_controller(method, act_stats, first, rest, cont, lens, min(end + 1, n - 1),
+                                                      trace)
+
+    def first_change(f: int, end: int) -> int:
+        c = _first_change(st["new"], st["thr"], 2, f, end)
+        st["thr"] = st["new"]
+        return c
+
+    passes, ok = _causal_fixed_point(n - 1, run, replay, first_change, FIXED_POINT_CHUNK, max_passes)
+    if not ok:
+        if meter is not None:
             meter.zero, meter.count = saved
-        thr = new
-    s = _score_dynamic(model, method, out, first, cont, lens, k, v, meter, trace)
-    s.passes, s.fallbacks = max_passes, 1
-    return s
+        s = _score_dynamic(model, method, out, first, cont, lens, k, v, meter, trace)
+        s.passes, s.fallbacks = passes, 1
+        return s
+    if meter is not None and not (passes == 1 and st["whole"]):
+        # the realized sparsity of the final thresholds: one metered pass over the window
+        with meter:
+            model(cont[:, :-1], (P + torch.arange(n - 1))[None].expand(B, n - 1), k, v, torch.from_numpy(st["thr"]),
+                  all_logits=True)
+    lps, greedy, per_tok = _gather(first, rest, cont, lens)
+    return Scored(lps, greedy, per_tok, int((lens - 1).clamp(min=0).sum()), trace=st["records"], passes=passes)
 
 
 def _score_selection(model, method: Method, ctx, cont, lens, k, v, protocol: str, max_passes: int) -> Scored:
@@ -296,41 +361,60 @@ def _reselect_stepwise(model, method: Method, mlps, prompt_sq, first, cont, lens
 
 
 def _reselect_fixed_point(model, method: Method, mlps, first, cont, lens, k, v, keep: int, max_passes: int):
-    """The CLADA reference rule as a causal fixed point (module doc): per-token masks in
-    one pass, the rule replayed over the pass's signals, re-selections from the causal
-    running statistic (the prompt's, then each position's term in order: the same
-    additions, in the same order, as the step-wise decode makes)."""
+    """The CLADA reference rule as a causal fixed point (module doc): per-token masks,
+    the rule replayed over the passes' signals, re-selections from the causal running
+    statistic (the prompt's, then each position's term in order: the same additions, in
+    the same order, as the step-wise decode makes)."""
     L = model.cfg.num_layers
     B, n = cont.shape
     P = k[0].shape[2] - n
     zeros = torch.zeros(L, B, 2)
     prompt_sq = [m.sumsq.clone() for m in mlps]
     initial = [top_k_mask(sq, keep) for sq in prompt_sq]
-    masks = [im[:, None, :].expand(B, n - 1, im.shape[-1]).clone() for im in initial]
-    pos = (P + torch.arange(n - 1))[None].expand(B, n - 1)
-    reselections = 0
-    for p in range(1, max_passes + 1):
-        for m, mk in zip(mlps, masks):
-            m.mask, m.record, m.record_tokens, m.tok_sq = mk, False, True, None
-        rest = model(cont[:, :-1], pos, k, v, zeros, all_logits=True).logits
+    tok_sq = [torch.zeros(B, n - 1, sq.shape[-1]) for sq in prompt_sq]
+    rest = torch.empty(B, n - 1, first.shape[-1])
+    st = {"masks": [im[:, None, :].expand(B, n - 1, im.shape[-1]).clone() for im in initial], "k": k, "v": v,
+          "new": None, "resel": 0}
+
+    def run(f: int, end: int) -> None:
+        for m, mk in zip(mlps, st["masks"]):
+            m.mask, m.record, m.record_tokens, m.tok_sq = mk[:, f:end], False, True, None
+        pos = (P + torch.arange(f, end))[None].expand(B, end - f)
+        o = model(cont[:, f:end], pos, st["k"], st["v"], zeros, all_logits=True)
+        st["k"], st["v"] = o.k_caches, o.v_caches
+        rest[:, f:end] = o.logits
+        for buf, m in zip(tok_sq, mlps):
+            buf[:, f:end] = m.tok_sq
+            m.record_tokens, m.tok_sq = False, None
+
+    def replay(end: int) -> None:
+        upto = min(end + 1, n - 1)
         # running[l][:, t]: the statistic after the prompt and positions < t
-        running = [torch.cumsum(torch.cat([sq[:, None], m.tok_sq], 1), dim=1) for sq, m in zip(prompt_sq, mlps)]
+        running = [torch.cumsum(torch.cat([sq[:, None], buf[:, :upto]], 1), dim=1)
+                   for sq, buf in zip(prompt_sq, tok_sq)]
         current = [im.clone() for im in initial]
-        new = [torch.empty_like(mk) for mk in masks]
+        new = [torch.empty_like(mk) for mk in st["masks"]]
         rules = [ReselectRule(**method.info.get("rule", {})) for _ in range(B)]
-        reselections = 0
-        for t in range(n - 1):
+        resel = 0
+        for t in range(upto):
             surprisal, entropy = _signals(_step_logits(first, rest, t), cont[:, t])
             for b in range(B):
                 if t + 1 < int(lens[b]) and rules[b].observe(float(surprisal[b]), float(entropy[b])):
-                    reselections += 1
-                    for cur, run in zip(current, running):
-                        cur[b] = top_k_mask(run[b:b + 1, t], keep)[0]
+                    resel += 1
+                    for cur, run_sq in zip(current, running):
+                        cur[b] = top_k_mask(run_sq[b:b + 1, t], keep)[0]
             for nw, cur in zip(new, current):
                 nw[:, t] = cur
-        for m in mlps:
-            m.record_tokens, m.tok_sq = False, None
-        if all(torch.equal(a, b) for a, b in zip(new, masks)):
-            return rest, reselections, p, 0
-        masks = new
-    return None, 0, max_passes, 1
+        for nw, cur in zip(new, current):
+            nw[:, upto:] = cur[:, None]
+        st["new"], st["resel"] = new, resel
+
+    def first_change(f: int, end: int) -> int:
+        c = _first_change(st["new"], st["masks"], 1, f, end)
+        st["masks"] = st["new"]
+        return c
+
+    passes, ok = _causal_fixed_point(n - 1, run, replay, first_change, FIXED_POINT_CHUNK, max_passes)
+    for m in mlps:
+        m.record_tokens, m.tok_sq = False, None
+    return (rest, st["resel"], passes, 0) if ok else (None, 0, passes, 1)
