@@ -45,13 +45,26 @@ def test_report_renders_from_saved_results_alone(tmp_path):
     for r in rows:
         key = r["method"] if r["level"] is None else f"{r['method']}-{r['level']:.2f}"
         write_json(tmp_path / "results" / f"{key}.json", r)
-    (tmp_path / "speed.json").write_text(json.dumps({"greedy-0.40": 1.3, "dynamic-0.40": 1.28}))
-    md_path = report.render(tmp_path)
+    # two bench files of the same shape at two sparsities, as `bench --synthetic` writes them
+    bench = []
+    for s, su in ((0.3, 1.2), (0.5, 1.5)):
+        b = tmp_path / f"GPU_toy_s{s}.json"
+        b.write_text(json.dumps({"device": "GPU", "model": f"toy shape, random weights, at {s:.0%}", "cases": [
+            {"backend": "cuda", "mode": m, "batch": n, "sparsity": sp, "speedup": sp_up}
+            for n in (1, 4) for m, sp, sp_up in (("dense", 0.0, 1.0), ("static", s, su if n == 1 else 9.0),
+                                                  ("dynamic", s, 0.1))]}))
+        bench.append(b)
+    md_path = report.render(tmp_path, bench=bench, bench_shape="toy")
     md = md_path.read_text()
+    # reached 0.4: halfway between the two static batch-1 points
+    assert "| greedy | 0.40 | 0.6250 ± 0.1909 | +16.67% | 2.901 | +6.72% | 0.400 / 0.400 | 1.35 |" in md
+    assert "| dense | - | 0.7500 ± 0.1768 | +0.00% | 2.718 | +0.00% | - / - | 1.00 |" in md
+    assert "interpolated" in md and "GPU" in md
     assert "| dense | - | 0.7500 ± " in md
     assert "| greedy | 0.40 | 0.6250 ± " in md and "+16.67%" in md  # (0.75 - 0.625) / 0.75
     assert "| dynamic-0.40 | greedy-0.40 | +0.0000 |" in md
-    for png in ("perplexity_vs_sparsity.png", "dynamic_trace.png", "accuracy_vs_speedup.png"):
+    for png in ("perplexity_vs_sparsity.png", "dynamic_trace.png", "accuracy_vs_speedup.png",
+                "perplexity_vs_speedup.png"):
         assert (tmp_path / png).stat().st_size > 1000
     meta = json.loads((tmp_path / "report.json").read_text())
     assert meta["versions"]["torch"] and meta["machine"]["cpus"] and meta["settings"]["tasks_limit"] == 4
@@ -99,3 +112,27 @@ def test_paired_accuracy_uses_the_common_documents():
     b = _result("greedy", 0.4, [0, 1, 1, 1], [1, 1, 1, 0], [1.0, 1.0], st)
     m, lo, hi, n = report.paired_accuracy(a, b, ["piqa", "boolq"])
     assert m == pytest.approx(0.25) and n == 8 and lo <= m <= hi
+
+
+def test_speed_curve_interpolates_within_the_measured_range_only():
+    curve = {"points": [[0.0, 1.0], [0.3, 1.2], [0.5, 1.5]]}
+    assert report.interpolate_speedup(curve, 0.15) == pytest.approx(1.1)
+    assert report.interpolate_speedup(curve, 0.5) == pytest.approx(1.5)
+    assert report.interpolate_speedup(curve, 0.55) is None and report.interpolate_speedup(None, 0.4) is None
+
+
+def test_report_reads_a_bench_json_written_by_clada_export_bench(tiny_chat_export, tmp_path, capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "bench", tiny_chat_export, "--batches", "1", "--prompt-len", "6",
+                           "--new-tokens", "4", "--repeats", "1", "-o", tmp_path / "bench", "--backends", "torch")
+    assert code == 0, err
+    curve = report.load_bench([tmp_path / "bench" / "bench.json"])
+    data = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    static = next(c for c in data["cases"] if c["mode"] == "static" and c["batch"] == 1)
+    assert curve["points"] == [[0.0, 1.0], [static["sparsity"], static["speedup"]]]
+    assert curve["backend"] == "torch" and curve["files"] == ["bench.json"]
+    assert report.load_bench([tmp_path / "bench" / "bench.json"], shape="no-such-shape") is None
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a `clada-export bench` result"):
+        report.load_bench([tmp_path / "bad.json"])

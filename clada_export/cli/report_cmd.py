@@ -41,6 +41,11 @@ def add_parsers(sub, add_model_arg) -> None:
                    help="torch CPU threads (default: torch's choice); on a machine shared with other jobs, 1 "
                         "avoids oversubscription (measured here: a prefill 12x faster than with 2 threads)")
     p.add_argument("--render-only", action="store_true", help="only render the report from saved results")
+    p.add_argument("--bench", nargs="+", metavar="JSON", default=None,
+                   help="`clada-export bench` results (e.g. docs/results/gpu/*.json) for the interpolated speedup "
+                        "column and the accuracy-drop vs speedup plot")
+    p.add_argument("--bench-shape", default=None, metavar="SHAPE",
+                   help="use only the bench results of this synthetic shape (e.g. smollm2-135m, qwen2.5-1.5b)")
     p.set_defaults(func=run_report)
 
 
@@ -68,4 +73,4 @@ def run_report(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         run_sweep(settings, out)
         print(f"sweep done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    print(render(out))
+    print(render(out, bench=[Path(b) for b in args.bench] if args.bench else None, bench_shape=args.bench_shape))

@@ -4,9 +4,16 @@ Writes ``OUT/report.json`` (machine, versions, settings, every row), ``OUT/repor
 (tables: accuracy per task with standard errors, mean accuracy and its drop against
 dense, perplexity, realized sparsity, cost; dynamic against static with paired
 intervals) and plots: perplexity vs sparsity per method, the dynamic controller's
-per-token trace of load and sparsity, and accuracy drop vs speedup per method when
-``OUT/speed.json`` (``{"<method>-<level>": speedup over dense}``, from ``bench`` on the
-GPU) exists.
+per-token trace of load and sparsity, and accuracy drop (and perplexity change) vs
+decode speedup per method when ``bench`` results are given.
+
+Speed: ``clada-export bench`` JSON files (``BenchResult.to_dict``; on the GPU from
+``--synthetic SHAPE --sparsity S`` at several S) give, per file, the batch-1 speedup
+over dense of static thresholds at the sparsity they reached. A method's speedup is
+interpolated linearly in reached sparsity between those points (dense: 1 by the
+definition of the speedup) and left out beyond the measured range: it says how fast
+the threshold kernel runs at that sparsity on that device with synthetic weights, not a
+timing of the method itself (a sliced MLP, Griffin, would run other kernels).
 """
 
 from __future__ import annotations
@@ -117,6 +124,61 @@ def summarize(rows: list[dict]) -> dict:
     return {"tasks": tasks, "rows": table, "comparisons": comparisons, "incomplete": incomplete}
 
 
+def load_bench(paths: list[Path], shape: str | None = None) -> dict | None:
+    """The batch-1 speed curve of ``bench`` JSON files: ``{"device", "model", "backend",
+    "files", "points": [[sparsity, speedup], ...]}`` sorted by sparsity, starting at
+    (0, 1) for dense; ``shape`` keeps only the files of that synthetic shape (their
+    ``model`` names it). None when no file has a static batch-1 case."""
+    points, devices, models, files, backends = [], set(), set(), [], set()
+    for p in sorted(Path(x) for x in paths):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"bench result {p} is not readable JSON ({e}); pass files written by "
+                            "`clada-export bench`") from None
+        if not isinstance(d, dict) or not isinstance(d.get("cases"), list):
+            raise UserError(f"{p} is not a `clada-export bench` result (no 'cases' list)")
+        if shape is not None and shape not in str(d.get("model", "")):
+            continue
+        cases = [c for c in d["cases"] if c.get("batch") == 1 and c.get("mode") == "static"]
+        # the GPU kernel's backend where there is one: the speed claim is about it
+        prefer = [c for c in cases if c.get("backend") == "cuda"] or cases
+        for c in prefer:
+            sp, su = c.get("sparsity"), c.get("speedup")
+            if isinstance(sp, (int, float)) and isinstance(su, (int, float)) and np.isfinite(sp) and np.isfinite(su):
+                points.append([float(sp), float(su)])
+                devices.add(str(d.get("device")))
+                models.add(str(d.get("model")))
+                backends.add(str(c.get("backend")))
+                files.append(p.name)
+    if not points:
+        return None
+    points.sort()
+    return {"device": ", ".join(sorted(devices)), "model": "; ".join(sorted(models)),
+            "backend": ", ".join(sorted(backends)), "files": files, "points": [[0.0, 1.0]] + points}
+
+
+def interpolate_speedup(curve: dict | None, sparsity: float | None) -> float | None:
+    """Linear interpolation of the curve's speedup at ``sparsity``; None outside the
+    measured range (no extrapolation) or without a curve."""
+    if curve is None or sparsity is None:
+        return None
+    xs = np.array([p[0] for p in curve["points"]])
+    ys = np.array([p[1] for p in curve["points"]])
+    if sparsity < xs[0] - 1e-9 or sparsity > xs[-1] + 1e-9:
+        return None
+    return float(np.interp(sparsity, xs, ys))
+
+
+def add_speed(summary: dict, curve: dict | None) -> None:
+    """Each row's interpolated speedup at the sparsity it reached (perplexity windows'
+    decode steps, else the tasks'); dense is 1."""
+    summary["speed"] = curve
+    for r in summary["rows"]:
+        reached = r["ppl_sparsity"] if r["ppl_sparsity"] is not None else r["task_sparsity"]
+        r["speedup"] = 1.0 if r["method"] == "dense" and curve is not None else interpolate_speedup(curve, reached)
+
+
 def _fmt(v, spec=".4f", none="-") -> str:
     return none if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
@@ -127,14 +189,25 @@ def render_markdown(summary: dict, meta: dict) -> str:
     lines.append(f"Settings: {meta.get('settings_line', '')}")
     lines.append("")
     lines.append("| method | level | mean acc (± se) | drop vs dense | perplexity | ppl vs dense | "
-                 "sparsity (tasks / ppl) | s/doc |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                 "sparsity (tasks / ppl) | speedup (interp.) | s/doc |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in summary["rows"]:
         lines.append(
             f"| {r['method']} | {_fmt(r['level'], '.2f')} | {_fmt(r['mean_acc'])} ± {_fmt(r['mean_acc_se'])} | "
             f"{_fmt(None if r['acc_drop_rel'] is None else 100 * r['acc_drop_rel'], '+.2f')}% | {_fmt(r['ppl'], '.3f')} | "
             f"{_fmt(None if r['ppl_change_rel'] is None else 100 * r['ppl_change_rel'], '+.2f')}% | "
-            f"{_fmt(r['task_sparsity'], '.3f')} / {_fmt(r['ppl_sparsity'], '.3f')} | {_fmt(r['seconds_per_doc'], '.3f')} |")
+            f"{_fmt(r['task_sparsity'], '.3f')} / {_fmt(r['ppl_sparsity'], '.3f')} | "
+            f"{_fmt(r.get('speedup'), '.2f', 'not measured')} | {_fmt(r['seconds_per_doc'], '.3f')} |")
+    sp = summary.get("speed")
+    if sp:
+        pts = ", ".join(f"{a:.3f}: {b:.2f}x" for a, b in sp["points"][1:])
+        lines += ["", f"Speedup: batch-1 decode speedup over dense, interpolated at each method's reached "
+                  f"sparsity from `clada-export bench` of static thresholds on {sp['device']} ({sp['backend']}; "
+                  f"{sp['model']}: synthetic weights; points {pts}; files {', '.join(sp['files'])}). "
+                  "Beyond the measured sparsities: not measured. For Griffin it is the threshold kernel's speed "
+                  "at the same bytes, not a timing of a sliced MLP."]
+    else:
+        lines += ["", "Speedup: not measured (no `clada-export bench` results given to the report)."]
     if summary.get("incomplete"):
         lines += ["", f"Not yet complete (left out): {', '.join(summary['incomplete'])}; the same command resumes them."]
     lines += ["", "Accuracy per task (± standard error; n documents each):", ""]
@@ -199,21 +272,22 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
         ax.set_ylim(0, 1)
         _save_plot(fig, ax, out, "dynamic_trace.png", made, loc="lower right")
 
-    speed_path = out / "speed.json"
-    if speed_path.is_file():
-        try:
-            speed = json.loads(speed_path.read_text())
-        except ValueError as e:
-            raise UserError(f"{speed_path} is not valid JSON ({e}); it maps '<method>-<level>' to a speedup") from None
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in ORDER[1:]:
-            pts = [(speed[r["key"]], 100 * r["acc_drop_rel"]) for r in summary["rows"]
-                   if r["method"] == m and r["key"] in speed and r["acc_drop_rel"] is not None]
-            if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=m)
-        ax.set_xlabel("decode speedup over dense (GPU, bench)")
-        ax.set_ylabel("accuracy drop vs dense (%)")
-        _save_plot(fig, ax, out, "accuracy_vs_speedup.png", made)
+    if summary.get("speed"):
+        for metric, label, name in (("acc_drop_rel", "accuracy drop vs dense (%)", "accuracy_vs_speedup.png"),
+                                    ("ppl_change_rel", "perplexity change vs dense (%)", "perplexity_vs_speedup.png")):
+            series = {m: sorted((r["speedup"], 100 * r[metric]) for r in summary["rows"]
+                                if r["method"] == m and r.get("speedup") is not None and r[metric] is not None)
+                      for m in ORDER}
+            if not any(series.values()):
+                continue
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for m, pts in series.items():
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_xlabel(f"decode speedup over dense, batch 1 (interpolated; {summary['speed']['device']}, "
+                          "synthetic weights)", fontsize=8)
+            ax.set_ylabel(label)
+            _save_plot(fig, ax, out, name, made)
     return made
 
 
@@ -231,8 +305,11 @@ def environment() -> dict:
             "versions": versions}
 
 
-def render(out: Path, meta: dict | None = None) -> Path:
-    """Render ``OUT/report.md``, ``report.json`` and the plots from ``OUT/results``."""
+def render(out: Path, meta: dict | None = None, bench: list[Path] | None = None, bench_shape: str | None = None
+           ) -> Path:
+    """Render ``OUT/report.md``, ``report.json`` and the plots from ``OUT/results``;
+    ``bench``: ``clada-export bench`` JSON files for the speedup column and plots
+    (``bench_shape``: only those of that synthetic shape)."""
     out = Path(out)
     rows = load_results(out)
     meta = dict(meta or {})
@@ -244,6 +321,7 @@ def render(out: Path, meta: dict | None = None) -> Path:
                     f"(first {s['prefix']} prefilled dense); calibration {s['calib_tokens']} + "
                     f"{s['heldout_tokens']} tokens")
     summary = summarize(rows)
+    add_speed(summary, load_bench(bench, bench_shape) if bench else None)
     plots = _plots(rows, summary, out)
     md = render_markdown(summary, meta) + "\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
     write_text(out / "report.md", md)
