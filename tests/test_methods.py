@@ -180,3 +180,16 @@ def test_fixed_point_falls_back_to_step_by_step_at_the_cap(tiny_checkpoints, tin
     capped = score_continuations(model, method, ctx, conts, max_passes=1)
     assert capped.fallbacks == 1
     np.testing.assert_allclose(step.token_logprobs[0], capped.token_logprobs[0], atol=1e-6)
+
+
+def test_spearman_of_the_signal_analysis():
+    from clada_export.evaluation.signals import spearman
+
+    x = np.arange(50, dtype=float)
+    rho, p = spearman(x, x ** 3)  # monotone: rank correlation 1
+    assert rho == pytest.approx(1.0) and p < 0.01
+    rho, p = spearman(x, -np.exp(x / 10))
+    assert rho == pytest.approx(-1.0)
+    rng = np.random.default_rng(1)
+    rho, p = spearman(rng.normal(size=400), rng.normal(size=400))
+    assert abs(rho) < 0.15 and p > 0.01
