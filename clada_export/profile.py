@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -56,23 +57,25 @@ def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float) -> np.nda
 
 
 def interp_rows(x: np.ndarray, levels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Row-wise linear interpolation: ``out[l] = interp(x[l], levels, table[l])`` with
-    exactly the arithmetic of ``numpy.interp`` (and so of
+    """Row-wise linear interpolation: ``out[..., l] = interp(x[..., l], levels, table[..., l, :])``
+    with exactly the arithmetic of ``numpy.interp`` (and so of
     ``SparsityProfile.thresholds_at``): below/at the first level -> first entry, at or
     above the last -> last entry, exactly on a level -> that entry, else
     ``slope * (x - levels[j]) + table[j]`` with ``slope = (table[j+1] - table[j]) /
     (levels[j+1] - levels[j])`` and ``levels[j] <= x < levels[j+1]``.
-    Shapes: x [L], levels [S], table [L, S]."""
+    Shapes: x [..., L], levels [S], table [..., L, S]; leading dimensions broadcast (the
+    controller interpolates every sequence's input and intermediate rows in one call)."""
     S = levels.shape[0]
-    rows = np.arange(table.shape[0])
     j = np.clip(np.searchsorted(levels, x, side="right") - 1, 0, S - 2)
+    rows = np.arange(math.prod(table.shape[:-1])).reshape(table.shape[:-1])  # broadcasts against j
+    flat = table.reshape(-1, S)
     lj, lj1 = levels[j], levels[j + 1]
-    fj, fj1 = table[rows, j], table[rows, j + 1]
+    fj, fj1 = flat[rows, j], flat[rows, j + 1]
     slope = (fj1 - fj) / (lj1 - lj)
     out = slope * (x - lj) + fj
     out = np.where(x == lj, fj, out)
-    out = np.where(x <= levels[0], table[:, 0], out)
-    out = np.where(x >= levels[-1], table[:, -1], out)
+    out = np.where(x <= levels[0], table[..., 0], out)
+    out = np.where(x >= levels[-1], table[..., -1], out)
     return out
 
 

@@ -40,7 +40,7 @@ BUILD_COMMAND = (
     "pip install -e . (with nvcc and cmake on PATH: the install builds it into clada_export/lib), or from the "
     "repository root: cmake -S plugins -B plugins/build && cmake --build plugins/build -j"
 )
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 

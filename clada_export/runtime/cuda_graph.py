@@ -11,7 +11,13 @@ RMSNorm, the MLP; final norm, lm_head, entropy and logsumexp.
 
 :class:`CudaGraphDecode` holds one batch shape: the KV cache, static input buffers
 (token ids, positions, thresholds ``[L, B, 2]`` overwritten between replays, so one graph
-serves every threshold the controller picks) and the captured graphs, one per MLP variant:
+serves every threshold the controller picks) and the captured graphs, one per MLP variant.
+Each graph also computes the greedy pick and its signals (token id, entropy, logsumexp, the
+picked logit) and the host gets those four numbers per sequence with one copy into pinned
+memory; inputs go in through pinned staging buffers with asynchronous copies, so a step
+costs the host no synchronous transfer besides the one read of its result.
+
+MLP variants:
 
 - ``kernel``: the SparseMLP CUDA kernel, which also counts the weight rows it read;
 - ``dense``: the same op (thresholds applied) as cuBLAS GEMMs on the dense copies, with the
@@ -32,6 +38,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -235,6 +242,14 @@ class CudaGraphDecode:
         # pinned memory, read before the next step (the caller has synced on its outputs)
         self._counts_host = torch.zeros(cfg.num_layers, 2, dtype=torch.int32, pin_memory=True)
         self._counts_ready = torch.cuda.Event()
+        # inputs staged in pinned memory and copied asynchronously; `_inputs_read` marks when
+        # the copies have read the staging buffers (before the next step overwrites them)
+        self._stage = {"tokens": torch.zeros(batch, dtype=torch.long, pin_memory=True),
+                       "position": torch.zeros(batch, dtype=torch.long, pin_memory=True),
+                       "thresholds": torch.zeros(cfg.num_layers, batch, 2, dtype=torch.float32, pin_memory=True)}
+        self._inputs_read = torch.cuda.Event()
+        self._greedy_host = torch.zeros(batch, 4, dtype=torch.float64, pin_memory=True)
+        self._greedy_ready = torch.cuda.Event()
         self._compile = compile
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -259,8 +274,12 @@ class CudaGraphDecode:
         def forward():
             if variant == "kernel":
                 self.row_counts.zero_()
-            return self.path.step(self.tokens, self.position, self.k, self.v, self.thresholds, variant,
-                                  self.row_counts)
+            logits, entropy, lse = self.path.step(self.tokens, self.position, self.k, self.v, self.thresholds,
+                                                  variant, self.row_counts)
+            picked = logits.argmax(dim=-1)
+            greedy = torch.stack((picked.double(), entropy.double(), lse.double(),
+                                  logits.gather(1, picked[:, None])[:, 0].double()), dim=1)
+            return logits, entropy, lse, greedy
 
         fn = torch.compile(forward, dynamic=False) if self._compile else forward
         dev = self.path.device
@@ -293,16 +312,26 @@ class CudaGraphDecode:
         return "kernel" if self.rule.use_kernel(self._fraction) else "dense"
 
     def step(self, tokens: torch.Tensor, position: torch.Tensor, thresholds: torch.Tensor):
-        """Inputs on the host or the device; they are copied into the graph's buffers."""
+        """Inputs on the host or the device; they are copied into the graph's buffers (host
+        inputs through the pinned staging buffers: the caller may reuse its tensors at once).
+        Returns ``(logits, entropy, logsumexp)``, static buffers; :meth:`greedy` waits for the
+        step and returns its greedy pick."""
         if self._counts_pending:
             self._read_counts()
         variant = self.choose()
-        # host sources copy synchronously: the caller may reuse them right after (the
-        # generator increments `position` in place)
-        for buf, src in ((self.tokens, tokens.reshape(-1)), (self.position, position), (self.thresholds, thresholds)):
-            buf.copy_(src, non_blocking=src.is_cuda)
+        self._inputs_read.synchronize()  # the last step's copies are done with the staging buffers
+        for name, buf, src in (("tokens", self.tokens, tokens.reshape(-1)), ("position", self.position, position),
+                               ("thresholds", self.thresholds, thresholds)):
+            if src.is_cuda:
+                buf.copy_(src, non_blocking=True)
+            else:
+                self._stage[name].copy_(src)
+                buf.copy_(self._stage[name], non_blocking=True)
+        self._inputs_read.record()
         graph, outputs = self._graphs[variant]
         graph.replay()
+        self._greedy_host.copy_(outputs[3], non_blocking=True)
+        self._greedy_ready.record()
         self.variants.append(variant)
         if variant == "kernel":
             self._counts_host.copy_(self.row_counts, non_blocking=True)
@@ -310,7 +339,13 @@ class CudaGraphDecode:
             self._counts_pending, self._since_kernel = True, 0
         else:
             self._since_kernel += 1
-        return outputs
+        return outputs[:3]
+
+    def greedy(self) -> np.ndarray:
+        """``float64 [B, 4]`` of the last step: the greedy pick (argmax of the logits), the
+        entropy and logsumexp, and the picked token's logit (waits for the step)."""
+        self._greedy_ready.synchronize()
+        return self._greedy_host.numpy().copy()
 
     def time_replays(self, variant: str, repeats: int = 20) -> float:
         """Median seconds of one replay of ``variant``'s graph on its current buffers (the

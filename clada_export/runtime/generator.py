@@ -16,6 +16,7 @@ import torch
 
 from clada_export.runtime.backends import Backend
 from clada_export.runtime.controller import ThresholdController
+from clada_export.runtime.native_controller import make_controller
 from clada_export.runtime.sampling import Sampler, SamplingConfig
 
 
@@ -36,6 +37,8 @@ class GenerationResult:
     denser: np.ndarray
     prefill_seconds: float
     decode_seconds: float
+    controller_seconds: float = 0.0
+    """Host time spent in the controller's steps (part of ``decode_seconds``)."""
 
     @property
     def new_tokens(self) -> int:
@@ -105,12 +108,16 @@ class Generator:
         finished = np.zeros(B, dtype=bool)
         tokens: list[list[int]] = [[] for _ in range(B)]
         rec_s, rec_e, rec_sp, rec_d = [], [], [], []
-        t_prefill = None
+        t_prefill, t_ctl = None, 0.0
+        greedy = sampling.temperature == 0
         for step in range(max_new_tokens):
-            picked = sampler(out.logits)
-            picked_logit = out.logits.gather(1, picked[:, None])[:, 0]
-            small = torch.stack((picked.double(), out.entropy.double(), out.logsumexp.double(),
-                                 picked_logit.double()), dim=1).cpu().numpy()
+            if greedy and out.greedy is not None:  # picked inside the backend's step
+                small = out.greedy()
+            else:
+                picked = sampler(out.logits)
+                picked_logit = out.logits.gather(1, picked[:, None])[:, 0]
+                small = torch.stack((picked.double(), out.entropy.double(), out.logsumexp.double(),
+                                     picked_logit.double()), dim=1).cpu().numpy()
             if t_prefill is None:
                 t_prefill = time.perf_counter() - t0
                 t1 = time.perf_counter()
@@ -129,7 +136,9 @@ class Generator:
                 rec_d.append(np.zeros(B, bool))
                 break
             if controller is not None:
+                tc = time.perf_counter()
                 thresholds = controller.step(surprisal, entropy, tokens=tok, active=~finished)
+                t_ctl += time.perf_counter() - tc
                 decisions = controller.last_decisions  # None for finished sequences
                 rec_sp.append(np.array([np.nan if d is None else d.realized for d in decisions]))
                 rec_d.append(np.array([d is not None and d.state == "denser" for d in decisions]))
@@ -148,12 +157,15 @@ class Generator:
             denser=np.array(rec_d),
             prefill_seconds=t_prefill,
             decode_seconds=t_decode,
+            controller_seconds=t_ctl,
         )
 
 
 def threshold_mode(profile, dense: bool, static: bool, controller_config, trace: str | None):
     """How an export's generation picks thresholds: dense (no profile, or ``dense``), the
-    profile's static thresholds, or a controller per generation. Returns (controller_factory,
+    profile's static thresholds, or a controller per generation (the C++ one where the kernel
+    library loads and no trace is asked for: the same decisions without Python's host time per
+    step, runtime/native_controller.py). Returns (controller_factory,
     static_thresholds, mode, controllers), where ``controllers`` collects the controllers made."""
     factory, static_thresholds, mode = None, None, "dense"
     controllers: list[ThresholdController] = []
@@ -162,7 +174,7 @@ def threshold_mode(profile, dense: bool, static: bool, controller_config, trace:
             static_thresholds, mode = profile.static_thresholds(), "static"
         else:
             def factory(batch: int) -> ThresholdController:
-                controllers.append(ThresholdController(profile, controller_config, batch=batch, trace=trace))
+                controllers.append(make_controller(profile, controller_config, batch=batch, trace=trace))
                 return controllers[-1]
 
             mode = "dynamic"

@@ -35,8 +35,9 @@ extern "C" {
 
 /* Version of the library's whole C ABI (this header and decode_attention.h); 2 added
  * clada_decode_attention, 3 removed CLADA_FLAG_FUSED (2), now an unknown flag, 4 added
- * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask and removed CLADA_FLAG_PDL. */
-#define CLADA_KERNELS_ABI_VERSION 4
+ * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask and removed CLADA_FLAG_PDL,
+ * 5 added the controller (controller_capi.h). */
+#define CLADA_KERNELS_ABI_VERSION 5
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 
