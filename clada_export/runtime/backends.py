@@ -10,6 +10,7 @@ sampler runs there, and only token ids and a few scalars per sequence go to the 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,16 @@ from clada_export.model.llama import Decoder
 @dataclass
 class StepResult:
     """``logits [B, vocab]`` float32 (each sequence's last real token), ``entropy [B]``
-    and ``logsumexp [B]`` in nats, ``act_stats [L, B, 2]`` after prefill only."""
+    and ``logsumexp [B]`` in nats, ``act_stats [L, B, 2]`` after prefill only.
+    ``greedy``: where the backend computes the greedy pick inside the step (the cuda
+    backend's graphs), a call that waits for it and returns ``float64 [B, 4]``: token id,
+    entropy, logsumexp and the picked logit (the Generator's one read per greedy step)."""
 
     logits: torch.Tensor
     entropy: torch.Tensor
     logsumexp: torch.Tensor
     act_stats: torch.Tensor | None = None
+    greedy: Callable[[], np.ndarray] | None = None
 
 
 class Backend(abc.ABC):
@@ -159,7 +164,7 @@ class CudaBackend(Backend):
     @torch.no_grad()
     def decode(self, tokens, position, thresholds):
         logits, entropy, lse = self.graph.step(tokens, position, thresholds)  # copied straight into its buffers
-        return StepResult(logits, entropy, lse)
+        return StepResult(logits, entropy, lse, greedy=self.graph.greedy)
 
 
 class OnnxRuntimeBackend(Backend):

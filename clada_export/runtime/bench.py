@@ -85,11 +85,19 @@ def synthetic_profile(model: Decoder, target: float, windows: int = 8, window_le
                       progress: bool = True) -> SparsityProfile:
     """A profile for ``model`` recorded on random tokens (calibrate's own tables), with a
     uniform allocation at ``target`` byte sparsity."""
+    cfg = model.cfg
+    ids = torch.randint(0, cfg.vocab_size, (windows, window_len), generator=torch.Generator().manual_seed(0))
+    return uniform_profile(model, target, ids, progress=progress)
+
+
+def uniform_profile(model: Decoder, target: float, ids: torch.Tensor, progress: bool = True) -> SparsityProfile:
+    """A profile for ``model`` with calibrate's tables recorded on token windows ``ids [N, T]``
+    and a uniform allocation at ``target`` byte sparsity (no error-controlled allocation:
+    what the runtime's sparsity measurements need, in seconds)."""
     from clada_export.calibrate.tables import record_tables
     from clada_export.profile import model_fingerprint
 
     cfg = model.cfg
-    ids = torch.randint(0, cfg.vocab_size, (windows, window_len), generator=torch.Generator().manual_seed(0))
     t = record_tables(model, ids, batch_size=4, x_cache_rows=0, progress=progress)
     L = cfg.num_layers
     return SparsityProfile(
@@ -114,6 +122,7 @@ class Case:
     kernel_steps: float | None = None
     gpu_ms: float | None = None
     speedup: float = float("nan")
+    controller_us: float | None = None  # host time of one controller step (dynamic)
 
 
 @dataclass
@@ -163,8 +172,12 @@ class BenchResult:
                          f"{c.p99_ms:.3f} | {gpu} | {c.tokens_per_s:.1f} | {c.speedup:.2f} | {sp} | {ks} |")
         overhead = self.controller_overhead()
         if overhead:
+            host = {(c.backend, c.batch): c.controller_us for c in self.cases if c.controller_us is not None}
             lines += ["", "Controller overhead (dynamic p50 / static p50 - 1): " + ", ".join(
                 f"{b} B={n}: {v * 100:+.1f}%" for (b, n), v in overhead.items())]
+            if host:
+                lines += ["Controller host time per step (median over generations): " + ", ".join(
+                    f"{b} B={n}: {us:.0f} us" for (b, n), us in host.items())]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -215,6 +228,7 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
              profile: SparsityProfile | None, vocab: int, seed: int = 0) -> Case:
     """Generate ``repeats + 1`` times (the first is a warm-up) and time the last ``repeats``."""
     from clada_export.runtime.controller import ControllerConfig, ThresholdController
+    from clada_export.runtime.native_controller import make_controller
     from clada_export.runtime.generator import Generator
 
     controllers: list[ThresholdController] = []
@@ -223,11 +237,11 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
         static = profile.static_thresholds()
     elif mode == "dynamic":
         def factory(b: int) -> ThresholdController:
-            controllers.append(ThresholdController(profile, ControllerConfig(), batch=b))
+            controllers.append(make_controller(profile, ControllerConfig(), batch=b))
             return controllers[-1]
     gen = Generator(backend, eos_token_ids=(), controller_factory=factory, static_thresholds=static)
     rng = np.random.default_rng(seed)
-    ttft, gaps, tps, chosen, fractions, kernel_share, variants = [], [], [], [], [], [], []
+    ttft, gaps, tps, chosen, fractions, kernel_share, variants, ctl = [], [], [], [], [], [], [], []
     for r in range(repeats + 1):
         prompts = rng.integers(0, vocab, (batch, prompt_len)).tolist()
         stamps: list[float] = []
@@ -243,6 +257,7 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
         tps.append(result.decode_tokens_per_second)
         if controllers:
             chosen.append(float(np.nanmean(controllers[-1].mean_sparsity)))
+            ctl.append(result.controller_seconds / max(1, result.surprisal.shape[0] - 1))
         if graph is not None:
             fractions += graph.fractions
             if graph.variants:
@@ -263,7 +278,8 @@ def run_case(backend: Backend, name: str, mode: str, batch: int, prompt_len: int
                 p50_ms=1e3 * _percentile(gaps, 50), p90_ms=1e3 * _percentile(gaps, 90),
                 p99_ms=1e3 * _percentile(gaps, 99), tokens_per_s=float(np.median(tps)),
                 sparsity=sparsity,
-                kernel_steps=float(np.mean(kernel_share)) if kernel_share else None, gpu_ms=gpu_ms)
+                kernel_steps=float(np.mean(kernel_share)) if kernel_share else None, gpu_ms=gpu_ms,
+                controller_us=1e6 * float(np.median(ctl)) if ctl else None)
 
 
 def run_bench(backends: dict[str, Callable[[str], Backend]], result: BenchResult, profile: SparsityProfile | None,
@@ -376,8 +392,58 @@ def export_backends(export_dir: Path, backends: list[str], dtype: str, compile: 
         if name == "torch":
             model, _ = load_decoder(Path(source))
             torch_backend = TorchBackend(model, "cpu")
-            factories[name] = lambda mode, b=torch_backend: b
+            # dense is torch's own GEMMs (the reference op), not the CPU kernel at zero thresholds
+            dense_torch = TorchBackend(model, "cpu", mlp="reference")
+            factories[name] = lambda mode, s=torch_backend, d=dense_torch: d if mode == "dense" else s
+            if torch_backend.mlp_note:
+                print(f"note: the torch backend runs the reference op: {torch_backend.mlp_note}", file=sys.stderr)
         else:
             factories[name] = _cuda_factory(open_cuda_backend(Path(source), dtype=dtype, compile=compile))
     dtype = dtype if backends == ["cuda"] else f"{manifest.get('dtype', 'float32')} (cpu)"
     return factories, profile, f"export {export_dir.name}", manifest["config"]["vocab_size"], dtype
+
+
+# ------------------------------------------------------------------ CPU runs
+def run_bench_interleaved(backends: dict[str, Callable[[str], Backend]], result: BenchResult,
+                          profile: SparsityProfile | None, batches: list[int], vocab: int, rounds: int,
+                          modes: tuple[str, ...] = MODES, progress: bool = True) -> BenchResult:
+    """:func:`run_bench` for a CPU shared with other work: ``rounds`` passes over every case,
+    one timed generation per case per pass, so a change of load hits all cases alike, and
+    ratios between cases hold. Each case's figures are medians over the rounds; the load
+    average before and after goes into the notes."""
+    import os
+    from dataclasses import fields, replace
+
+    load_before = os.getloadavg()
+    per_round = []
+    for r in range(rounds):
+        one = replace(result, repeats=1, cases=[], notes=[])
+        per_round.append(run_bench(backends, one, profile, batches, vocab, modes, progress=progress).cases)
+    for group in zip(*per_round):
+        merged = {}
+        for f in fields(group[0]):
+            values = [getattr(c, f.name) for c in group]
+            numeric = all(isinstance(v, float) for v in values)
+            merged[f.name] = float(np.median(values)) if numeric else values[0]
+        result.cases.append(type(group[0])(**merged))
+    load_after = os.getloadavg()
+    result.notes.append(f"CPU: {os.cpu_count()} cores; cases interleaved, {rounds} rounds of one timed generation "
+                        "each (after one warm-up), medians over rounds (speedup: of each round's dense p50 / p50); load average "
+                        f"(1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    fastest_dense_note(result)
+    return result
+
+
+def fastest_dense_note(result: BenchResult) -> None:
+    """Each sparse case's tokens/s against the fastest dense case of any backend at its batch
+    (the speedup column compares within one backend)."""
+    for batch in sorted({c.batch for c in result.cases}):
+        dense = [c for c in result.cases if c.batch == batch and c.mode == "dense"]
+        if not dense:
+            continue
+        best = max(dense, key=lambda c: c.tokens_per_s)
+        ratios = ", ".join(f"{c.backend} {c.mode} {c.tokens_per_s / best.tokens_per_s:.2f}x"
+                           for c in result.cases if c.batch == batch and c.mode != "dense")
+        result.notes.append(f"B={batch}: fastest dense path {best.backend} at {best.tokens_per_s:.1f} tokens/s; "
+                            f"against it: {ratios}")
+
