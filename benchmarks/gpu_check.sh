@@ -123,6 +123,7 @@ fi
 echo
 echo "==================== summary: $GPU ===================="
 [[ -f "$RESULTS/$SLUG.md" ]] && grep -E "^\| (shape|---|llama3-8b \| (1|4) \|)" "$RESULTS/$SLUG.md"
+[[ -f "$OUT/kernel_bench.log" ]] && grep "^dense forms" "$OUT/kernel_bench.log"
 for tag in llama3-8b llama3-8b_compiled smollm2-135m default; do
   [[ -f "$OUT/bench_$tag/bench.md" ]] && { echo; echo "bench $tag:"; sed -n '/^| backend/,$p' "$OUT/bench_$tag/bench.md"; }
 done

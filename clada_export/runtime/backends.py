@@ -3,8 +3,9 @@ interface: the torch backend runs our Decoder eagerly, the onnxruntime backend t
 exported graphs, the cuda backend our Decoder's weights through the CUDA kernels with
 each decode step replayed from a captured CUDA graph (runtime/cuda_graph.py).
 
-All tensors crossing this interface are torch tensors on ``backend.device``: the
-sampler runs there, and only token ids and a few scalars per sequence go to the host.
+Outputs are torch tensors on ``backend.device``: the sampler runs there, and only token
+ids and a few scalars per sequence go to the host. Inputs may be on the host or on
+``backend.device``; each backend copies them in its own way.
 """
 
 from __future__ import annotations

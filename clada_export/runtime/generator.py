@@ -145,7 +145,10 @@ class Generator:
             else:
                 rec_sp.append(np.full(B, np.nan))
                 rec_d.append(np.zeros(B, bool))
-            out = backend.decode(torch.from_numpy(tok), position, self._thresholds(thresholds))
+            # decode inputs stay on the host: each backend copies them its own way (the cuda
+            # backend through pinned staging buffers, without a synchronous transfer)
+            out = backend.decode(torch.from_numpy(tok), position,
+                                 torch.from_numpy(np.ascontiguousarray(thresholds, dtype=np.float32)))
             position += 1
         t_decode = time.perf_counter() - t1
         return GenerationResult(
