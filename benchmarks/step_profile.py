@@ -63,7 +63,7 @@ def main() -> None:
     cfg, theta = SYNTHETIC[args.synthetic]
     model = synthetic_model(cfg, theta, torch.bfloat16, "cuda")
     prof = synthetic_profile(model, args.sparsity, progress=False)
-    path = DecodePath(model)
+    path = DecodePath(model, dense_layout="linear")
     B = args.batch
     thr = torch.from_numpy(prof.static_thresholds()).cuda()[:, None, :].expand(-1, B, -1).contiguous()
     bw = copy_bandwidth()

@@ -65,3 +65,16 @@ def test_generate_cuda_backend_without_a_gpu_is_one_line(tiny_chat_export, capsy
     assert code == 2
     line = one_line_error(err)
     assert "GPU" in line and "--backend torch" in line
+
+
+def test_decode_path_refuses_what_it_does_not_run():
+    """The GPU decode step is the Llama layout: a model whose config asks for more (Gemma's
+    sandwich norms and soft-caps, say) is refused with the fields named, before anything
+    touches a GPU, instead of being decoded without them."""
+    from types import SimpleNamespace
+
+    from clada_export.runtime.cuda_graph import DecodePath, DecodePathUnsupported
+
+    cfg = SimpleNamespace(model_type="gemma2", sandwich_norms=True, attn_softcap=50.0, norm_offset=1.0)
+    with pytest.raises(DecodePathUnsupported, match="norm_offset, sandwich_norms, attn_softcap"):
+        DecodePath(SimpleNamespace(cfg=cfg))

@@ -8,6 +8,7 @@ Every check draws fresh random inputs and poisons the output with NaN first.
 from __future__ import annotations
 
 import ctypes
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from clada_export.ops import native
 from conftest import native_library_or_skip
 from clada_export.ops.sparse_mlp import dense_mlp, sparse_mlp_reference
+from clada_export.runtime.cuda_graph import _dense_kernel_layout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -277,6 +279,9 @@ def test_dense_gemm_path_matches_reference(dtype):
         y = F.linear(native.gate_mask(F.linear(xs, gate_up), thr, "silu"), down)
         ref = sparse_mlp_reference(torch.nan_to_num(x).double(), wg64, wu64, wd64, thr)
         assert rel_err(y, ref) <= 2 * REL_TOL, batch
+        # the same op on the kernel's own input-major weights (the runtime's copy-free dense form)
+        mlp = SimpleNamespace(w_gate_t=wg, w_up_t=wu, w_down_t=wd, act="silu")
+        assert rel_err(_dense_kernel_layout(mlp, x, thr), ref) <= 2 * REL_TOL, batch
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -127,13 +127,16 @@ class CudaBackend(Backend):
     ``mlp``: ``"auto"`` (the never-slower-than-dense rule), ``"kernel"``, ``"dense"`` or
     ``"plain"`` (dense, thresholds ignored: a benchmark baseline)."""
 
-    def __init__(self, model: Decoder, mlp: str = "auto", compile: bool = False, path=None):
+    def __init__(self, model: Decoder, mlp: str = "auto", compile: bool = False, path=None,
+                 dense_layout: str = "auto"):
         """``path``: a :class:`~clada_export.runtime.cuda_graph.DecodePath` of ``model`` to
-        share (its converted weights) with another backend, e.g. a benchmark's dense one."""
+        share (its converted weights) with another backend, e.g. a benchmark's dense one;
+        ``dense_layout``: the dense GEMMs' weights (``DecodePath``: auto, linear or kernel)."""
         from clada_export.runtime.cuda_graph import DecodePath
 
         self.model = model.eval()
-        self.path = path if path is not None else DecodePath(self.model, dense_fallback=mlp != "kernel")
+        self.path = path if path is not None else DecodePath(self.model, dense_fallback=mlp != "kernel",
+                                                              dense_layout=dense_layout)
         self.device = self.path.device
         self.mlp, self.compile = mlp, compile
         self.num_layers = model.cfg.num_layers
@@ -264,7 +267,7 @@ def open_backend(name: str, export_dir: str | Path, manifest: dict, *, device: s
 
 
 def open_cuda_backend(checkpoint: Path, *, device: str | None = None, dtype: str | None = None,
-                      mlp: str = "auto", compile: bool = False) -> CudaBackend:
+                      mlp: str = "auto", compile: bool = False, dense_layout: str = "auto") -> CudaBackend:
     """The cuda backend on a checkpoint directory, with one-line errors (UserError) for a
     missing GPU, a missing kernel library, or a dtype or model shape it does not run."""
     from clada_export.errors import UserError
@@ -287,6 +290,6 @@ def open_cuda_backend(checkpoint: Path, *, device: str | None = None, dtype: str
         raise UserError(str(e)) from None
     model, _ = load_decoder(checkpoint, dtype=DTYPES[dtype], device=device)
     try:
-        return CudaBackend(model, mlp=mlp, compile=compile)
+        return CudaBackend(model, mlp=mlp, compile=compile, dense_layout=dense_layout)
     except DecodePathUnsupported as e:
         raise UserError(f"{e}; use --backend torch") from None

@@ -2,10 +2,11 @@
 
 :class:`DecodePath` is a separate object that holds what it converted from a
 :class:`~clada_export.model.llama.Decoder` (the model itself is never modified): q/k/v
-weights concatenated once for one projection GEMV per layer, and, for the dense fallback,
-each MLP's gate/up weights as one ``nn.Linear``-layout matrix and its down weights in
-``nn.Linear`` layout. The SparseMLP kernel reads the model's own ``w_*_t`` parameters,
-which are already in its layout. A decode step is: embedding; per layer RMSNorm, the q/k/v
+weights concatenated once for one projection GEMV per layer, and, for the dense fallback
+where it measures faster (``dense_layout``), each MLP's gate/up weights as one
+``nn.Linear``-layout matrix and its down weights in ``nn.Linear`` layout: a second copy of
+the MLP weights. Otherwise the dense GEMMs, like the SparseMLP kernel, read the model's own
+``w_*_t`` parameters. A decode step is: embedding; per layer RMSNorm, the q/k/v
 GEMV, the fused decode attention kernel (RoPE, cache write in place, attention), o_proj,
 RMSNorm, the MLP; final norm, lm_head, entropy and logsumexp.
 
@@ -62,13 +63,36 @@ class _LayerWeights:
     down: torch.Tensor | None  # [hidden, inter]
 
 
-class DecodePath:
-    """The converted weights and the one-token decode step of ``model`` (CUDA, bf16/fp16)."""
+# DecoderConfig fields (model/config.py) and their Llama-layout values: a model with any
+# other value (Gemma's norms, scales and soft-caps, local RoPE, partial rotary, longrope)
+# is refused by DecodePath rather than decoded without it
+LLAMA_LAYOUT = (("norm_offset", 0.0), ("embed_scale", None), ("sandwich_norms", False), ("attn_scale", None),
+                ("attn_softcap", None), ("final_softcap", None), ("sliding_layers", None), ("local_rope", False),
+                ("rotary_dim", None), ("rope_long_after", None))
+DENSE_LAYOUTS = ("auto", "linear", "kernel")
+# the kernel's layout serves the dense GEMMs too when they are at most this much slower there
+LAYOUT_TOLERANCE = 1.02
 
-    def __init__(self, model: Decoder, dense_fallback: bool = True):
+
+class DecodePath:
+    """The converted weights and the one-token decode step of ``model`` (CUDA, bf16/fp16).
+
+    ``dense_layout``: what the dense GEMMs read. ``"linear"``: a copy of each MLP's weights in
+    ``nn.Linear`` layout (gate and up as one matrix: one GEMM); ``"kernel"``: the model's own
+    input-major weights, the kernel's layout (two GEMMs and a concatenation for gate/up, no
+    second copy of the MLP weights); ``"auto"``: time both on the first layer, at batch 1 and 8,
+    and take the kernel's layout unless it is more than 2% slower (``layout_times`` keeps the
+    measurement). The benchmark's dense baseline asks for ``"linear"``."""
+
+    def __init__(self, model: Decoder, dense_fallback: bool = True, dense_layout: str = "auto"):
         from clada_export.ops.native import MAX_HIDDEN, decode_attention_supported, load_library
 
         cfg = model.cfg
+        # the step below is the Llama layout; a family's extra parts must not be dropped silently
+        extras = [name for name, plain in LLAMA_LAYOUT if getattr(cfg, name, plain) != plain]
+        if extras:
+            raise DecodePathUnsupported(f"the GPU decode path runs the Llama layout (Llama, Mistral, Qwen2, Qwen3); "
+                                        f"this {cfg.model_type} model also needs {', '.join(extras)}")
         weight = model.embed_tokens.weight
         if weight.device.type != "cuda":
             raise DecodePathUnsupported(f"the GPU decode path needs the model on a CUDA device, not {weight.device}")
@@ -86,10 +110,17 @@ class DecodePath:
         self.dtype = weight.dtype
         self.device = weight.device
         self.dense_fallback = dense_fallback
+        if dense_layout not in DENSE_LAYOUTS:
+            raise ValueError(f"dense_layout must be one of {DENSE_LAYOUTS}, got {dense_layout!r}")
         self.inv_freq = model.inv_freq.float()
         d = cfg.head_dim
         self.qkv_sizes = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
         self.layers: list[_LayerWeights] = []
+        self.layout_times: dict[str, float] = {}
+        if dense_fallback and dense_layout == "auto":
+            dense_layout = self._measure_layouts()
+        self.dense_layout = dense_layout if dense_fallback else None
+        copies = self.dense_layout == "linear"
         with torch.no_grad():
             for layer in model.layers:
                 a, m = layer.self_attn, layer.mlp
@@ -97,9 +128,29 @@ class DecodePath:
                 self.layers.append(_LayerWeights(
                     qkv_weight=torch.cat([p.weight for p in projs]),
                     qkv_bias=torch.cat([p.bias for p in projs]) if cfg.qkv_bias else None,
-                    gate_up=torch.cat([m.w_gate_t.t(), m.w_up_t.t()]).contiguous() if dense_fallback else None,
-                    down=m.w_down_t.t().contiguous() if dense_fallback else None,
+                    gate_up=torch.cat([m.w_gate_t.t(), m.w_up_t.t()]).contiguous() if copies else None,
+                    down=m.w_down_t.t().contiguous() if copies else None,
                 ))
+
+    @torch.no_grad()
+    def _measure_layouts(self) -> str:
+        """Time the first layer's dense MLP (the op's dense form) in both layouts, batch 1 and 8."""
+        from clada_export.ops.native import gate_mask, mask_input
+
+        m = self.model.layers[0].mlp
+        gate_up = torch.cat([m.w_gate_t.t(), m.w_up_t.t()]).contiguous()
+        down = m.w_down_t.t().contiguous()
+        worst = 0.0
+        for batch in (1, 8):
+            x = torch.randn(batch, self.cfg.hidden_size, device=self.device,
+                            generator=torch.Generator(device=self.device).manual_seed(0)).to(self.dtype)
+            thr = torch.zeros(batch, 2, device=self.device)
+            t_lin = _time_graph(lambda: F.linear(gate_mask(F.linear(mask_input(x, thr), gate_up), thr, m.act), down))
+            t_ker = _time_graph(lambda: _dense_kernel_layout(m, x, thr))
+            self.layout_times[f"linear B={batch}"], self.layout_times[f"kernel B={batch}"] = t_lin, t_ker
+            worst = max(worst, t_ker / t_lin)
+        del gate_up, down
+        return "kernel" if worst <= LAYOUT_TOLERANCE else "linear"
 
     def _mlp(self, i: int, x: torch.Tensor, thresholds: torch.Tensor, variant: str,
              row_counts: torch.Tensor | None) -> torch.Tensor:
@@ -109,8 +160,12 @@ class DecodePath:
         if variant == "kernel":
             return sparse_mlp_cuda_counted(x, mlp.w_gate_t, mlp.w_up_t, mlp.w_down_t, thresholds, mlp.act,
                                            row_counts[i])
-        if w.gate_up is None:
+        if self.dense_layout is None:
             raise DecodePathUnsupported("this DecodePath was built without the dense fallback")
+        if self.dense_layout == "kernel":
+            if variant == "dense":
+                return _dense_kernel_layout(mlp, x, thresholds)
+            return (activation(x @ mlp.w_gate_t, mlp.act) * (x @ mlp.w_up_t)) @ mlp.w_down_t
         if variant == "dense":  # the op itself, its thresholds applied around cuBLAS GEMMs
             return F.linear(gate_mask(F.linear(mask_input(x, thresholds), w.gate_up), thresholds, mlp.act), w.down)
         gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
@@ -143,6 +198,15 @@ class DecodePath:
         logits = model.lm_head(model.norm(x)).float()
         entropy, lse = cognitive_signals(logits)
         return logits, entropy, lse
+
+
+def _dense_kernel_layout(mlp, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The op around cuBLAS GEMMs on the model's own input-major weights (no copies)."""
+    from clada_export.ops.native import gate_mask, mask_input
+
+    xs = mask_input(x, thresholds)
+    gate_up = torch.cat((xs @ mlp.w_gate_t, xs @ mlp.w_up_t), dim=-1)
+    return gate_mask(gate_up, thresholds, mlp.act) @ mlp.w_down_t
 
 
 @dataclass
@@ -227,7 +291,7 @@ class CudaGraphDecode:
     def __init__(self, path: DecodePath, batch: int, max_len: int, mlp: str = "auto", compile: bool = False):
         if mlp != "auto" and mlp not in MLP_VARIANTS:
             raise ValueError(f"mlp must be 'auto' or one of {MLP_VARIANTS}, got {mlp!r}")
-        if mlp == "auto" and not path.dense_fallback:
+        if mlp == "auto" and path.dense_layout is None:
             mlp = "kernel"
         cfg, dev = path.cfg, path.device
         self.path, self.batch, self.max_len, self.mlp = path, batch, max_len, mlp
