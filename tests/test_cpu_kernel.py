@@ -4,7 +4,13 @@ reference op in float64, and the torch backend's use of it."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ from clada_export.ops import cpu_kernel
 from clada_export.ops.sparse_mlp import ACTIVATIONS, activation, sparse_mlp_reference
 from tests.conftest import rel_err
 
+REPO = Path(__file__).resolve().parents[1]
 # fp32 products over a few thousand terms against float64: about 1e-6 measured
 TOL = 1e-5
 HIDDEN, INTER = 576, 1536  # the default model's MLP
@@ -280,3 +287,38 @@ def test_custom_op_is_registered_with_a_fake():
                                            torch.empty(INTER, HIDDEN), torch.empty(3, 2), "silu",
                                            torch.empty(2, dtype=torch.int64))
     assert out.shape == (3, HIDDEN)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
+def test_build_hook_builds_the_cpu_library_without_nvcc(tmp_path):
+    """setup.py's build_cpu_kernels needs cmake and a C++ compiler only (CI has no nvcc), and
+    the library exports exactly what its header declares."""
+    # the CUDA step is switched off, as where nvcc is missing
+    env = dict(os.environ, CLADA_BUILD_CPU_KERNELS="1", CLADA_BUILD_KERNELS="0")
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    built = sorted(tmp_path.glob("lib*/clada_export/lib/*.so"))
+    assert [p.name for p in built] == ["libclada_cpu.so"], built
+    lib = built[0]
+    header = (REPO / "plugins" / "cpu" / "sparse_mlp_cpu.h").read_text()
+    declared = set(re.findall(r"CLADA_CPU_API\s+[\w\s\*]+?\b(clada_\w+)\s*\(", header))
+    assert {"clada_sparse_mlp_cpu", "clada_cpu_abi_version"} <= declared
+    if shutil.which("nm"):
+        dynamic = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+        assert {line.split()[-1] for line in dynamic.splitlines() if line.split()[-1].startswith("clada_")} == declared
+
+
+def test_generate_defaults_to_torch_and_prints_the_dense_figure(tiny_chat_export, capsys):
+    from clada_export.cli.main import main
+
+    args = ["generate", str(tiny_chat_export), "--prompt", "w5 w9 w17", "--max-new-tokens", "6", "--static"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "backend torch" in err
+    found = re.search(r"decode ([\d.]+) tokens/s, dense ([\d.]+) tokens/s on the same backend: ([\d.]+)x", err)
+    assert found, err
+    sparse, dense, ratio = map(float, found.groups())
+    assert dense > 0 and abs(ratio - sparse / dense) <= 0.01 * ratio + 0.01
+    assert main(args + ["--no-dense-baseline"]) == 0
+    assert "dense" not in capsys.readouterr().err.replace("--dense", "")

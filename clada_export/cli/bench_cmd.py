@@ -76,7 +76,10 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     modes = bench.MODES if profile is not None else ("dense",)
     if profile is None:
         print("note: this export has no sparsity profile, so only dense is timed", file=sys.stderr)
-    bench.run_bench(factories, result, profile, args.batches, vocab, modes)
+    if device == "cpu":  # a CPU is often shared: interleave the cases (bench.run_bench_interleaved)
+        bench.run_bench_interleaved(factories, result, profile, args.batches, vocab, args.repeats, modes)
+    else:
+        bench.run_bench(factories, result, profile, args.batches, vocab, modes)
     if "cuda" in factories:
         bench.dense_bandwidth_note(result, factories["cuda"]("dense").model)
     paths = result.write(Path(args.output))

@@ -26,7 +26,9 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.add_argument("export_dir", metavar="OUT", help="directory written by `clada-export export`")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of several prompts")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="what runs the graphs (default: torch when the export's checkpoint is there, which on a "
+                        "CPU decodes through the SparseMLP kernel, else onnxruntime)")
     p.add_argument("--device", default=None,
                    help="device of backends that load the checkpoint (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -44,6 +46,9 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--controller", metavar="JSON", help="controller settings: a JSON object of ControllerConfig "
                                                         "fields to override (docs/controller.md)")
+    p.add_argument("--no-dense-baseline", action="store_true",
+                   help="skip the short dense run (32 tokens, same backend) whose tokens/s is printed beside the "
+                        "sparse figure with the speedup")
     p.add_argument("--trace", help="write the controller's decisions as JSONL here")
     p.add_argument("--plot", help="write a PNG of surprisal, entropy and chosen sparsity per token here")
     p.set_defaults(func=run_generate)
@@ -76,7 +81,14 @@ def run_generate(args: argparse.Namespace) -> None:
               "export with --profile for CLADA thresholds", file=sys.stderr)
     factory, static, mode, controllers = threshold_mode(profile, args.dense, args.static, controller_config, args.trace)
     eos_ids = eos_token_ids(tok)
+    if args.backend is None:
+        source = manifest.get("source")
+        args.backend = "torch" if source and Path(source).is_dir() else "onnxruntime"
     backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
+    if getattr(backend, "mlp_note", None):
+        gpu = "; --backend cuda runs the GPU kernels" if backend.device.type == "cuda" else ""
+        print(f"note: the torch backend decodes with the reference op (dense products, then masks), so sparsity "
+              f"saves no time here: {backend.mlp_note}{gpu}", file=sys.stderr)
     gen = Generator(backend, eos_token_ids=eos_ids, controller_factory=factory, static_thresholds=static)
 
     stream = len(prompts) == 1
@@ -107,6 +119,13 @@ def run_generate(args: argparse.Namespace) -> None:
             print(f"--- {text!r}\n{tok.decode(ids, skip_special_tokens=True)}")
 
     stats = summary_stats(result, args.backend, mode, profile)
+    if mode != "dense" and not args.no_dense_baseline:
+        from clada_export.runtime.baseline import dense_tokens_per_second
+
+        dense = dense_tokens_per_second(backend, prompts, args.max_new_tokens)
+        if dense == dense:  # NaN: too few tokens to time
+            sparse = result.decode_tokens_per_second
+            stats.insert(2, f"dense {dense:.1f} tokens/s on the same backend: {sparse / dense:.2f}x")
     print("[" + ", ".join(stats) + "]", file=sys.stderr)
     if args.trace and mode != "dynamic":
         print("note: --trace records controller decisions; none were made in this mode", file=sys.stderr)

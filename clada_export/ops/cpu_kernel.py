@@ -27,7 +27,7 @@ from clada_export.ops.sparse_mlp import ACTIVATIONS
 CPU_LIB = "libclada_cpu.so"
 REPO_CPU_BUILD_DIR = Path(__file__).resolve().parents[2] / "plugins" / "cpu" / "build"
 BUILD_COMMAND = (
-    "pip install -e . (with cmake and a C++17 compiler on PATH: the install builds it into "
+    "pip install -e . (with cmake and a C++ compiler with OpenMP (gcc) on PATH: the install builds it into "
     "clada_export/lib), or from the repository root: cmake -S plugins/cpu -B plugins/cpu/build && "
     "cmake --build plugins/cpu/build -j"
 )

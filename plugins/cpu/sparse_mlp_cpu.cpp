@@ -1,20 +1,20 @@
 // The CPU SparseMLP: compaction of the kept rows, the two stages, the C ABI.
 //
 // Batch-1 decode is bound by memory bandwidth, as on the GPU: the win is the weight rows
-// never read. Each stage splits the kept rows into chunks that the caller and the pool's
-// helpers claim (work_pool.h says why not an OpenMP team); each worker streams whole rows
-// into its own partial sums, which the caller adds up. Between the stages the caller
-// computes h, its t_mid test and the list of kept down rows.
+// never read. Each stage splits the kept rows into chunks that the OpenMP threads claim;
+// each thread streams whole rows into its own partial sums, which the caller adds up.
+// Between the stages the caller computes h, its t_mid test and the list of kept down rows.
 #include "sparse_mlp_cpu.h"
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "row_kernels.h"
-#include "work_pool.h"
 
 namespace clada_cpu {
 namespace {
@@ -70,8 +70,7 @@ struct Call {
 
 // A chunk is a run of whole kept rows: rows are contiguous, so each worker streams long
 // sequential runs, and adds into its own partial sums (no sharing, no atomics).
-void rows_chunk(void* ctx, int worker, int chunk) {
-  const Call& c = *static_cast<const Call*>(ctx);
+void rows_chunk(const Call& c, int worker, int chunk) {
   const long size = c.batch * c.width;
   float* a = c.part_a + worker * size;
   float* b = c.part_b + worker * size;
@@ -97,7 +96,15 @@ void run_stage(Call& c, int workers, Workspace& ws) {
   c.touched = ws.touched.data();
   std::fill(ws.touched.begin(), ws.touched.end(), 0);
   const int chunks = (c.num_rows + c.rows_per_chunk - 1) / c.rows_per_chunk;
-  WorkPool::instance().run(std::min(workers, chunks), chunks, rows_chunk, &c);
+  // Threads claim chunks as they come, so one the scheduler runs late (a busy shared core)
+  // takes fewer; the team is the process's OpenMP pool, which torch's ops use between two
+  // MLP calls: the threads are already awake and none competes with another pool's.
+  std::atomic<int> next{0};
+#pragma omp parallel num_threads(std::min(workers, chunks)) if (workers > 1 && chunks > 1)
+  {
+    const int worker = omp_get_thread_num();
+    for (int k; (k = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) rows_chunk(c, worker, k);
+  }
 }
 
 // out[i] = sum over the workers that added anything of part[w][i]
@@ -194,9 +201,8 @@ int clada_sparse_mlp_cpu(const float* x, const float* w_gate_t, const float* w_u
     if (isa < CLADA_CPU_ISA_AUTO || isa > CLADA_CPU_ISA_AVX512) return CLADA_CPU_INVALID_ARGUMENT;
     const clada_cpu::RowsFn rows_fn = clada_cpu::rows_for(isa == CLADA_CPU_ISA_AUTO ? clada_cpu_best_isa() : isa);
     if (rows_fn == nullptr) return CLADA_CPU_UNSUPPORTED;
-    const int threads = std::clamp(num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency()),
-                                   1, 64);
-    // one call at a time: the pool and its partial sums serve one caller
+    const int threads = std::clamp(num_threads > 0 ? num_threads : omp_get_max_threads(), 1, 256);
+    // one call at a time: the partial sums are shared by the team of one caller
     static std::mutex call_mutex;
     std::lock_guard<std::mutex> lock(call_mutex);
     return clada_cpu::run(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden, inter, act, threads, rows_fn,

@@ -61,9 +61,8 @@ CLADA_CPU_API int clada_cpu_abi_version(void);
 /* The isa AUTO resolves to on this machine. */
 CLADA_CPU_API int clada_cpu_best_isa(void);
 
-/* Computes y on up to num_threads threads (the caller's and pool helpers); <= 0: one per
- * hardware thread. The torch binding passes torch.get_num_threads(). Calls from several
- * threads are run one at a time.
+/* Computes y on up to num_threads OpenMP threads; <= 0: omp_get_max_threads(). The torch
+ * binding passes torch.get_num_threads(). Calls from several threads run one at a time.
  * row_counts: NULL, or 2 counters the call adds to: [0] rows of W_gate_t/W_up_t read
  * (input channels any batch row kept), [1] rows of W_down_t read. Returns a
  * clada_cpu_status_t. */
