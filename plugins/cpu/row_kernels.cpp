@@ -9,7 +9,6 @@
 namespace clada_cpu {
 namespace {
 
-
 // Batch size as a template parameter: the loops over b unroll and the coefficients of
 // small batches stay in registers.
 template <int B>

@@ -53,7 +53,7 @@ struct Workspace {
   std::vector<unsigned char> touched;  // [workers]: did the worker add into its partials
 };
 
-// One call's arguments, shared with the pool's workers.
+// One call's arguments, shared with the OpenMP team.
 struct Call {
   int batch;
   long hidden, inter;
