@@ -47,7 +47,7 @@ if has test; then
   # GPU tests: the files named *gpu*; -rA lists every skip with its reason and what the
   # tests print (measured errors, the dense rule's timings, the sparsity reached)
   python3 -m pytest -q -rA -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_kernels_gpu.py \
-    tests/test_gpu_decode.py >"$OUT/tests.log" 2>&1
+    tests/test_gpu_decode.py tests/test_native_controller.py >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR|SKIPPED)|vs torch bf16|rule:|sparsity reached|vs float64" "$OUT/tests.log" | tee "$OUT/tests_short.log"
   step_done "GPU tests [$(tail -1 "$OUT/tests.log")]" $rc $t0
