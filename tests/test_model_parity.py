@@ -63,5 +63,5 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="gpt2.*not supported.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UserError, match="gpt2.*not supported.*gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         load_decoder(tmp_path)

@@ -29,7 +29,7 @@ from clada_export.errors import UserError
 from clada_export.export.graphs import DecodeGraph, PrefillGraph
 from clada_export.model.llama import Decoder
 from clada_export.validate import Fields, read_json_object
-from clada_export.ops.onnx_function import sparse_mlp_function_proto, sparse_mlp_translation
+from clada_export.ops.onnx_function import ACTIVATION_ATTRIBUTE, sparse_mlp_function_proto, sparse_mlp_translation
 
 MANIFEST_FORMAT = "clada-export"
 MANIFEST_VERSION = 1
@@ -88,7 +88,12 @@ def trace_graph(model: Decoder, graph: str, dtype: torch.dtype = torch.float32) 
             verbose=False,
         )
     proto = program.model_proto
-    proto.functions.append(sparse_mlp_function_proto())
+    # one body serves every node, so every node must carry the model's activation
+    acts = {a.s.decode() for node in proto.graph.node if node.domain == C.OP_DOMAIN and node.op_type == C.OP_NAME
+            for a in node.attribute if a.name == ACTIVATION_ATTRIBUTE}
+    if acts != {cfg.act}:
+        raise RuntimeError(f"SparseMLP nodes carry activations {sorted(acts)}, the model's is {cfg.act}")
+    proto.functions.append(sparse_mlp_function_proto(cfg.act))
     proto.graph.name = graph
     return proto
 

@@ -1,7 +1,13 @@
-"""The decoder's configuration, read from a checkpoint's config.json (never guessed from a name)."""
+"""The decoder's configuration, read from a checkpoint's config.json (never guessed from a name).
+
+One :class:`DecoderConfig` describes every supported family: the Llama layout is the
+default, and each other family (``model/families.py``) sets only the fields in which it
+differs (Gemma's norms, embedding scale and soft-caps; Phi-3's partial rotary and longrope).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +20,17 @@ SUPPORTED_MODEL_TYPES = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
 }
-SUPPORTED_ACTIVATIONS = {"silu": "silu", "swish": "silu"}
-# RoPE variants whose frequencies change with the sequence length at run time cannot be
-# baked into a static graph.
-UNSUPPORTED_ROPE_TYPES = {"dynamic", "longrope"}
+# transformers' activation names -> the SparseMLP op's (ops/sparse_mlp.py: ACTIVATIONS)
+SUPPORTED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# RoPE variants whose frequencies change continuously with the sequence length at run time
+# cannot be baked into a static graph. (longrope switches once, at a fixed length: the
+# graph selects its frequencies from the position input, see model/rope.py.)
+UNSUPPORTED_ROPE_TYPES = {"dynamic"}
+SUPPORTED_ROPE_TYPES = "default, linear, llama3, yarn, longrope"
 
 
 def supported_list() -> str:
@@ -43,33 +55,61 @@ class DecoderConfig:
     qk_norm: bool
     sliding_window: int | None
     act: str
+    # -- where a family differs from the Llama layout (defaults: Llama) --
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): Gemma stores weight - 1
+    embed_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(hidden))
+    sandwich_norms: bool = False  # Gemma: the attention and MLP outputs are normed too (four norms a block)
+    attn_scale: float | None = None  # attention scores' scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    sliding_layers: tuple[bool, ...] | None = None  # which layers use sliding_window; None: all of them
+    local_rope: bool = False  # sliding layers have their own RoPE frequencies (Gemma 3)
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim channels of a head; None: all (Phi-3 may use fewer)
+    rope_long_after: int | None = None  # longrope: long-factor frequencies once a sequence is longer than this
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return True if self.sliding_layers is None else self.sliding_layers[layer]
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    def llama_layout_differences(self) -> list[str]:
+        """The family fields set away from the Llama layout (empty for Llama, Mistral,
+        Qwen2/3, and Phi-3 without partial rotary or longrope). A fast path written for the
+        Llama layout (runtime/cuda_graph.py) must refuse a model for which this is not
+        empty, or it computes another model."""
+        # the family fields are the ones with a default, and the default is Llama's
+        return [f.name for f in dataclasses.fields(self)
+                if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
 
     @classmethod
     def from_hf(cls, hf: Any) -> "DecoderConfig":
         """From a transformers ``PretrainedConfig`` (``AutoConfig.from_pretrained(dir)``)."""
+        from clada_export.model.families import family_fields
+
         model_type = getattr(hf, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(
                 f"model_type {model_type!r} is not supported; supported architectures: {supported_list()}"
             )
-        act = SUPPORTED_ACTIVATIONS.get(getattr(hf, "hidden_act", "silu"))
+        hf_act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+        act = SUPPORTED_ACTIVATIONS.get(hf_act)
         if act is None:
-            raise UserError(f"hidden_act {hf.hidden_act!r} is not supported for {model_type}; supported: silu")
+            raise UserError(f"hidden_act {hf_act!r} is not supported for {model_type}; supported: "
+                            f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if getattr(hf, "mlp_bias", False):
             raise UserError("checkpoints with mlp_bias=true are not supported (SparseMLP has no bias)")
-        rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-        if rope_type in UNSUPPORTED_ROPE_TYPES:
-            raise UserError(f"rope type {rope_type!r} changes with sequence length and cannot be exported; "
-                            "supported: default, linear, llama3, yarn")
+        for rope_type in rope_types(hf):
+            if rope_type in UNSUPPORTED_ROPE_TYPES:
+                raise UserError(f"rope type {rope_type!r} changes with sequence length and cannot be exported; "
+                                f"supported: {SUPPORTED_ROPE_TYPES}")
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        sliding = None
-        if model_type == "mistral":
-            sliding = getattr(hf, "sliding_window", None)
-        elif model_type in ("qwen2", "qwen3") and getattr(hf, "use_sliding_window", False):
-            raise UserError(f"{model_type} with use_sliding_window=true is not supported")
-        return cls(
+        fields = dict(
             model_type=model_type,
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -81,10 +121,26 @@ class DecoderConfig:
             rms_norm_eps=hf.rms_norm_eps,
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases and no o bias; Llama/Qwen3 follow attention_bias.
-            qkv_bias=model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
-            o_bias=model_type != "qwen2" and bool(getattr(hf, "attention_bias", False)),
-            qk_norm=model_type == "qwen3",
-            sliding_window=sliding,
+            qkv_bias=bool(getattr(hf, "attention_bias", False)),
+            o_bias=bool(getattr(hf, "attention_bias", False)),
+            qk_norm=False,
+            sliding_window=None,
             act=act,
         )
+        fields.update(family_fields(model_type, hf, head_dim))
+        return cls(**fields)
+
+
+def rope_parameter_sets(hf: Any) -> dict[str | None, dict]:
+    """The checkpoint's RoPE parameters: ``{None: params}``, or one set per layer type
+    (Gemma 3: ``full_attention``, ``sliding_attention``)."""
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return {None: {}}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return dict(rope)
+    return {None: rope}
+
+
+def rope_types(hf: Any) -> list[str]:
+    return [p.get("rope_type", p.get("type", "default")) or "default" for p in rope_parameter_sets(hf).values()]

@@ -1,10 +1,14 @@
-"""An export-friendly decoder for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
+"""An export-friendly decoder for every supported family: the Llama layout (Llama 2/3,
+Mistral, Qwen2, Qwen3, SmolLM) and, through the fields a family sets in
+:class:`~clada_export.model.config.DecoderConfig` (``model/families.py``), Gemma 2,
+Gemma 3 and Phi-3.
 
 In the spirit of gpt-fast's model.py: RMSNorm, RoPE (frequencies from transformers, so
-every rope_scaling variant a config declares is honoured), grouped-query attention over
-a static, preallocated KV cache written at given positions, and a gated MLP that is
-always the one SparseMLP op. Every step -- prefill of T tokens or decode of one -- is
-the same ``forward``; the graphs in ``clada_export/export`` only fix which inputs vary.
+every rope_scaling variant a config declares is honoured; ``model/rope.py``), grouped-query
+attention over a static, preallocated KV cache written at given positions, and a gated
+MLP that is always the one SparseMLP op. Every step -- prefill of T tokens or decode of
+one -- is the same ``forward``; the graphs in ``clada_export/export`` only fix which
+inputs vary.
 
 Shapes: ``input_ids [B, T]``, ``positions [B, T]`` (RoPE position and cache slot of each
 token), KV cache per layer ``[B, kv_heads, max_len, head_dim]``, ``thresholds [L, B, 2]``.
@@ -12,47 +16,45 @@ token), KV cache per layer ``[B, kv_heads, max_len, head_dim]``, ``thresholds [L
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from clada_export.model.config import SUPPORTED_MODEL_TYPES, DecoderConfig
+from clada_export.model.config import DecoderConfig
+from clada_export.model.rope import apply_rope, cos_sin, rope_frequencies, rotate_half  # noqa: F401 (re-exported)
 from clada_export.ops.sparse_mlp import gated_intermediate, sparse_mlp_op
 
 # How many of a prompt's last tokens measure the intermediate activation |h| for the
 # sequence-level statistics: |h| needs the gate/up products, which the SparseMLP op keeps
 # to itself, so they are recomputed for a few tokens only (|x| is measured on all tokens).
 H_STATS_TOKENS = 8
+# RoPE frequency buffers: float32 whatever dtype the weights are moved to
+_ROPE_BUFFERS = ("inv_freq", "inv_freq_local", "inv_freq_long")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm scaled by ``offset + weight``: offset 0 (Llama), or 1 (Gemma, whose
+    checkpoints store ``weight - 1`` and which scales in float32 before rounding)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # computed in float32 whatever the weights' dtype, as transformers does
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_frequencies(hf_config) -> tuple[torch.Tensor, float]:
-    """``inv_freq [head_dim/2]`` and the attention scaling, computed by transformers' own
-    rotary-embedding class for this model family."""
-    module = importlib.import_module(f"transformers.models.{SUPPORTED_MODEL_TYPES[hf_config.model_type]}."
-                                     f"modeling_{SUPPORTED_MODEL_TYPES[hf_config.model_type]}")
-    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    rotary = cls(config=hf_config)
-    return rotary.inv_freq.detach().float().clone(), float(getattr(rotary, "attention_scaling", 1.0))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class Attention(nn.Module):
@@ -65,8 +67,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else d ** -0.5
 
     def forward(
         self,
@@ -87,8 +90,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, d]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # Functional cache write (scatter at each token's slot) for export: the graph
         # returns the updated cache, and a runtime may bind input and output to the same
@@ -103,7 +105,7 @@ class Attention(nn.Module):
         groups = cfg.num_heads // cfg.num_kv_heads
         max_len = k_cache.shape[2]
         qg = q.reshape(B, cfg.num_kv_heads, groups * T, d)
-        scores = (qg @ k_cache.transpose(-1, -2).to(q.dtype)) * (d ** -0.5)
+        scores = softcap((qg @ k_cache.transpose(-1, -2).to(q.dtype)) * self.scale, cfg.attn_softcap)
         visible = mask[:, None, None].expand(B, 1, groups, T, max_len).reshape(B, 1, groups * T, max_len)
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v_cache.to(q.dtype)
@@ -131,12 +133,34 @@ class SparseMLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer. Module names mirror transformers' so checkpoints load unrenamed; beware
+    that ``post_attention_layernorm`` means two things: in the Llama layout it norms the
+    MLP's input, in Gemma's (``sandwich_norms``) the attention's output, and
+    ``pre_feedforward_layernorm`` norms the MLP's input (:attr:`mlp_norm` is whichever)."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.mlp = SparseMLP(cfg)
+        self.sandwich_norms = cfg.sandwich_norms
+
+    @property
+    def mlp_norm(self) -> RMSNorm:
+        """The norm whose output is the MLP's input ``x``."""
+        return self.pre_feedforward_layernorm if self.sandwich_norms else self.post_attention_layernorm
+
+    def attention_out(self, a: torch.Tensor) -> torch.Tensor:
+        """What the attention adds to the residual stream."""
+        return self.post_attention_layernorm(a) if self.sandwich_norms else a
+
+    def mlp_out(self, y: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the residual stream."""
+        return self.post_feedforward_layernorm(y) if self.sandwich_norms else y
 
 
 @dataclass
@@ -152,17 +176,43 @@ class StepOutput:
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0):
+    """The decoder. ``inv_freq [rope_dim/2]`` and ``rope_scaling``: RoPE of every layer (or
+    of Gemma 3's full-attention layers); ``local_inv_freq``/``local_rope_scaling``: Gemma
+    3's sliding layers'; ``long_inv_freq``: longrope's long table (``model/rope.py``)."""
+
+    def __init__(self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0,
+                 local_inv_freq: torch.Tensor | None = None, local_rope_scaling: float = 1.0,
+                 long_inv_freq: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if cfg.local_rope != (local_inv_freq is not None):
+            raise ValueError("local_inv_freq is given exactly when cfg.local_rope is set")
+        if (cfg.rope_long_after is not None) != (long_inv_freq is not None):
+            raise ValueError("long_inv_freq is given exactly when cfg.rope_long_after is set")
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
+        if local_inv_freq is not None:
+            self.register_buffer("inv_freq_local", local_inv_freq.float(), persistent=False)
+        self.local_rope_scaling = local_rope_scaling
+        if long_inv_freq is not None:
+            self.register_buffer("inv_freq_long", long_inv_freq.float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay float32 when the weights move to 16 bits (rounding them
+        # would shift every rotation): keep the float32 values, on the new device.
+        before = {n: b for n, b in self._buffers.items() if n in _ROPE_BUFFERS and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -173,6 +223,20 @@ class Decoder(nn.Module):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
                 [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+
+    def _rope(self, positions: torch.Tensor, last_index: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(cos, sin)`` of the full-attention (or every) layer, and of the local layers."""
+        inv_freq = self.inv_freq
+        if self.cfg.rope_long_after is not None:
+            # longrope: a sequence longer than the original context rotates with the long
+            # factors; its length is its last real token's position + 1 (each sequence
+            # of a batch decides alone)
+            length = torch.gather(positions, 1, last_index[:, None]) + 1  # [B, 1]
+            inv_freq = torch.where((length > self.cfg.rope_long_after)[..., None], self.inv_freq_long, inv_freq)
+        full = cos_sin(positions, inv_freq, self.rope_scaling, dtype)
+        local = cos_sin(positions, self.inv_freq_local, self.local_rope_scaling, dtype) if self.cfg.local_rope else None
+        return full, local
 
     def forward(
         self,
@@ -192,18 +256,18 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         cfg = self.cfg
         x = self.embed_tokens(input_ids)
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, d]
-        cos = (emb.cos() * self.rope_scaling).to(x.dtype)
-        sin = (emb.sin() * self.rope_scaling).to(x.dtype)
+        if cfg.embed_scale is not None:  # rounded to the weights' dtype, as transformers does
+            x = x * torch.tensor(cfg.embed_scale, dtype=torch.float32).to(x.dtype)
+        if last_index is None:
+            last_index = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+        rope_full, rope_local = self._rope(positions, last_index, x.dtype)
         max_len = k_caches[0].shape[2]
         slot = torch.arange(max_len, device=input_ids.device)
         mask = slot[None, None, :] <= positions[:, :, None]  # [B, T, max_len]
+        window_mask = None
         if cfg.sliding_window is not None:
-            mask = mask & (slot[None, None, :] > positions[:, :, None] - cfg.sliding_window)
+            window_mask = mask & (slot[None, None, :] > positions[:, :, None] - cfg.sliding_window)
 
-        if last_index is None:
-            last_index = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
         if with_stats:
             valid = (torch.arange(T, device=input_ids.device)[None, :] <= last_index[:, None]).to(x.dtype)
             tail = (last_index[:, None] - torch.arange(H_STATS_TOKENS, device=input_ids.device)[None, :]).clamp(min=0)
@@ -211,23 +275,24 @@ class Decoder(nn.Module):
 
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            a, kc, vc = layer.self_attn(layer.input_layernorm(x), cos, sin, positions, mask, k_caches[i], v_caches[i])
+            sliding = cfg.is_sliding(i)
+            cos, sin = rope_local if (rope_local is not None and sliding) else rope_full
+            a, kc, vc = layer.self_attn(layer.input_layernorm(x), cos, sin, positions,
+                                        window_mask if sliding else mask, k_caches[i], v_caches[i])
             new_k.append(kc)
             new_v.append(vc)
-            x = x + a
-            m_in = layer.post_attention_layernorm(x)
+            x = x + layer.attention_out(a)
+            m_in = layer.mlp_norm(x)
             if with_stats:
                 mean_x = (m_in.abs().mean(-1) * valid).sum(1) / valid.sum(1)
                 x_tail = torch.gather(m_in, 1, tail[:, :, None].expand(B, H_STATS_TOKENS, cfg.hidden_size))
                 mean_h = layer.mlp.intermediate(x_tail).abs().mean(dim=(1, 2))
                 stats.append(torch.stack((mean_x, mean_h), dim=-1))
-            x = x + layer.mlp(m_in, thresholds[i])
+            x = x + layer.mlp_out(layer.mlp(m_in, thresholds[i]))
 
-        if all_logits:
-            logits = self.lm_head(self.norm(x)).float()
-        else:
-            x_last = torch.gather(x, 1, last_index[:, None, None].expand(B, 1, cfg.hidden_size))[:, 0]
-            logits = self.lm_head(self.norm(x_last)).float()
+        if not all_logits:
+            x = torch.gather(x, 1, last_index[:, None, None].expand(B, 1, cfg.hidden_size))[:, 0]
+        logits = softcap(self.lm_head(self.norm(x)), cfg.final_softcap).float()
         return StepOutput(logits, new_k, new_v, torch.stack(stats).float() if with_stats else None)
 
 

@@ -1,7 +1,9 @@
 """Loading a Hugging Face checkpoint directory, offline, into our Decoder.
 
 Weights are renamed nowhere: our module names mirror transformers' (``model.`` prefix
-aside), and the MLP's three matrices are transposed once into the kernel layout.
+aside), and the MLP's three matrices are transposed once into the kernel layout. A
+family that fuses matrices (Phi-3's ``qkv_proj``, ``gate_up_proj``) has them split first
+(``model/families.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 
 from clada_export.errors import UserError
 from clada_export.model.config import DecoderConfig, supported_list
-from clada_export.model.llama import Decoder, rope_frequencies
+from clada_export.model.families import split_fused
+from clada_export.model.llama import Decoder
+from clada_export.model.rope import rope_tables
 
 _MLP = {"gate_proj": "w_gate_t", "up_proj": "w_up_t", "down_proj": "w_down_t"}
 
@@ -102,12 +106,12 @@ def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
     """Our Decoder with the checkpoint's weights, and the transformers config it came from."""
     hf_config = load_hf_config(model_dir)
     cfg = DecoderConfig.from_hf(hf_config)
-    inv_freq, scaling = rope_frequencies(hf_config)
+    rope = rope_tables(hf_config)
     with torch.device("meta"):
-        model = Decoder(cfg, inv_freq, scaling)
+        model = Decoder(cfg, rope.inv_freq, rope.scaling, rope.local, rope.local_scaling, rope.long)
     state = read_state_dict(model_dir)
     ours: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
+    for name, tensor in (pair for item in state.items() for pair in split_fused(cfg.model_type, hf_config, *item)):
         key = name.removeprefix("model.")
         parts = key.split(".")
         if len(parts) >= 2 and parts[-2] in _MLP and parts[-1] == "weight":
@@ -137,8 +141,9 @@ def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
         model.lm_head.weight = model.embed_tokens.weight
     with torch.no_grad():
         model.load_state_dict({k: ours[k].to(dtype) for k in expected}, strict=False, assign=False)
-        model.inv_freq.copy_(inv_freq)
-    model = model.to(dtype)
-    model.inv_freq = model.inv_freq.float()
+        for name, table in (("inv_freq", rope.inv_freq), ("inv_freq_local", rope.local), ("inv_freq_long", rope.long)):
+            if table is not None:
+                getattr(model, name).copy_(table)
+    model = model.to(dtype)  # the RoPE tables stay float32 (Decoder._apply)
     model.eval()
     return model, hf_config

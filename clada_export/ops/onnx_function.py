@@ -1,39 +1,86 @@
 """SparseMLP in ONNX: the ``clada::SparseMLP`` node, and its function body of standard ops.
 
 The node's inputs are ``(x [B, T, H], w_gate_t [H, I], w_up_t [H, I], w_down_t [I, H],
-thresholds [B, 2])``, its output ``y [B, T, H]``; it has no attributes: the activation is
-SiLU, the only one the export supports.
+thresholds [B, 2])``, its output ``y [B, T, H]``; its one attribute, ``activation``
+(``silu``, ``gelu_tanh`` or ``gelu``; the TensorRT plugin reads the same attribute), names
+the gate's activation. The math is :func:`clada_export.ops.sparse_mlp.sparse_mlp_reference`.
+
 A model carries the function body (so ONNX Runtime, or any runtime without our plugin,
 inlines and runs it); the TensorRT variant of a graph drops the body, and the TensorRT
-parser binds the node to the SparseMLP plugin by its op type.
+parser binds the node to the SparseMLP plugin by its op type. A body is written for one
+activation (opset 18 has no op that switches on a string attribute): every MLP of a model
+has the same activation, and the exporter attaches that body and checks that the nodes agree.
 """
 
 from __future__ import annotations
 
+import math
+
 import onnx
 import onnxscript
-from onnxscript import opset18 as op
+from onnx import TensorProto, helper
 
 from clada_export.contract import OP_DOMAIN, OP_NAME, OP_VERSION
+from clada_export.ops.sparse_mlp import ACTIVATIONS
 
 clada_opset = onnxscript.values.Opset(OP_DOMAIN, OP_VERSION)
+ACTIVATION_ATTRIBUTE = "activation"
+ONNX_OPSET = 18
 
 
-@onnxscript.script(clada_opset, default_opset=op)
-def SparseMLP(x, w_gate_t, w_up_t, w_down_t, thresholds):
-    # thresholds [B, 2] -> t_in, t_mid as [B, 1, 1], broadcast over tokens and channels
-    t_in = op.Unsqueeze(op.Gather(thresholds, op.Constant(value_int=0), axis=1), op.Constant(value_ints=[1, 2]))
-    t_mid = op.Unsqueeze(op.Gather(thresholds, op.Constant(value_int=1), axis=1), op.Constant(value_ints=[1, 2]))
-    zero = op.CastLike(op.Constant(value_float=0.0), x)
-    x_s = op.Where(op.Greater(op.Abs(x), op.CastLike(t_in, x)), x, zero)
-    g = op.MatMul(x_s, w_gate_t)
-    h = op.Mul(op.Mul(g, op.Sigmoid(g)), op.MatMul(x_s, w_up_t))
-    h_s = op.Where(op.Greater(op.Abs(h), op.CastLike(t_mid, h)), h, zero)
-    return op.MatMul(h_s, w_down_t)
+def _const(name: str, value: float) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
 
 
-def sparse_mlp_function_proto() -> onnx.FunctionProto:
-    return SparseMLP.to_function_proto()
+def _activation_nodes(act: str, g: str, out: str) -> list[onnx.NodeProto]:
+    """``out = act(g)``, in standard ops, with g's dtype (constants are cast like g)."""
+    n = helper.make_node
+    if act == "silu":
+        return [n("Sigmoid", [g], ["sig"]), n("Mul", [g, "sig"], [out])]
+    half = [_const("half_f", 0.5), n("CastLike", ["half_f", g], ["half"]),
+            _const("one_f", 1.0), n("CastLike", ["one_f", g], ["one"])]
+    if act == "gelu_tanh":  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), as torch's approximate="tanh"
+        return half + [
+            _const("c_f", math.sqrt(2.0 / math.pi)), n("CastLike", ["c_f", g], ["c"]),
+            _const("k_f", 0.044715), n("CastLike", ["k_f", g], ["k"]),
+            n("Mul", [g, g], ["g2"]), n("Mul", ["g2", g], ["g3"]), n("Mul", ["k", "g3"], ["kg3"]),
+            n("Add", [g, "kg3"], ["inner"]), n("Mul", ["c", "inner"], ["arg"]), n("Tanh", ["arg"], ["th"]),
+            n("Add", ["one", "th"], ["onept"]), n("Mul", ["half", g], ["hg"]), n("Mul", ["hg", "onept"], [out]),
+        ]
+    if act == "gelu":  # 0.5 g (1 + erf(g / sqrt(2)))
+        return half + [
+            _const("r_f", 1.0 / math.sqrt(2.0)), n("CastLike", ["r_f", g], ["r"]),
+            n("Mul", [g, "r"], ["gr"]), n("Erf", ["gr"], ["e"]),
+            n("Add", ["one", "e"], ["onepe"]), n("Mul", ["half", g], ["hg"]), n("Mul", ["hg", "onepe"], [out]),
+        ]
+    raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+def sparse_mlp_function_proto(act: str = "silu") -> onnx.FunctionProto:
+    """The body of ``clada::SparseMLP`` for activation ``act``:
+    ``x_s = x * (|x| > t_in)``, ``h = act(x_s Wg) * (x_s Wu)``, ``h_s = h * (|h| > t_mid)``,
+    ``y = h_s Wd``, thresholds ``[B, 2]`` broadcast over tokens and channels."""
+    n = helper.make_node
+    nodes = [
+        # thresholds [B, 2] -> t_in, t_mid as [B, 1, 1]
+        n("Constant", [], ["i0"], value=helper.make_tensor("i0", TensorProto.INT64, [], [0])),
+        n("Constant", [], ["i1"], value=helper.make_tensor("i1", TensorProto.INT64, [], [1])),
+        n("Constant", [], ["axes"], value=helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])),
+        n("Gather", ["thresholds", "i0"], ["t_in0"], axis=1), n("Unsqueeze", ["t_in0", "axes"], ["t_in1"]),
+        n("Gather", ["thresholds", "i1"], ["t_mid0"], axis=1), n("Unsqueeze", ["t_mid0", "axes"], ["t_mid1"]),
+        _const("zero_f", 0.0), n("CastLike", ["zero_f", "x"], ["zero"]),
+        n("CastLike", ["t_in1", "x"], ["t_in"]),
+        n("Abs", ["x"], ["ax"]), n("Greater", ["ax", "t_in"], ["keep_x"]), n("Where", ["keep_x", "x", "zero"], ["x_s"]),
+        n("MatMul", ["x_s", "w_gate_t"], ["g"]),
+        *_activation_nodes(act, "g", "ag"),
+        n("MatMul", ["x_s", "w_up_t"], ["u"]), n("Mul", ["ag", "u"], ["h"]),
+        n("CastLike", ["t_mid1", "h"], ["t_mid"]),
+        n("Abs", ["h"], ["ah"]), n("Greater", ["ah", "t_mid"], ["keep_h"]), n("Where", ["keep_h", "h", "zero"], ["h_s"]),
+        n("MatMul", ["h_s", "w_down_t"], ["y"]),
+    ]
+    return helper.make_function(
+        OP_DOMAIN, OP_NAME, ["x", "w_gate_t", "w_up_t", "w_down_t", "thresholds"], ["y"], nodes,
+        [helper.make_opsetid("", ONNX_OPSET)], attributes=[ACTIVATION_ATTRIBUTE])
 
 
 def _register_schema() -> None:
@@ -53,6 +100,8 @@ def _register_schema() -> None:
                 P("thresholds", "tensor(float)")],
         outputs=[P("y", "T")],
         type_constraints=[("T", types, "activation and weight type")],
+        attributes=[onnx.defs.OpSchema.Attribute(ACTIVATION_ATTRIBUTE, helper.make_attribute(
+            ACTIVATION_ATTRIBUTE, "silu"), f"the gate's activation: {', '.join(ACTIVATIONS)}")],
     )
     onnx.defs.register_schema(schema)
 
@@ -62,8 +111,9 @@ _register_schema()
 
 def sparse_mlp_translation(x, w_gate_t, w_up_t, w_down_t, thresholds, act: str = "silu"):
     """Translation of ``torch.ops.clada.sparse_mlp`` for torch.onnx's exporter: emit one
-    ``clada::SparseMLP`` node. The exporter's own passes inline model-local functions,
-    so the body is attached after export (``attach_function_bodies``)."""
-    if act != "silu":
-        raise NotImplementedError(f"SparseMLP ONNX export supports activation silu, not {act!r}")
-    return clada_opset.SparseMLP(x, w_gate_t, w_up_t, w_down_t, thresholds)
+    ``clada::SparseMLP`` node carrying its activation. The exporter's own passes inline
+    model-local functions, so the body is attached after export (``sparse_mlp_function_proto``)."""
+    if act not in ACTIVATIONS:
+        raise NotImplementedError(f"SparseMLP ONNX export supports activations {', '.join(ACTIVATIONS)}, "
+                                  f"not {act!r}")
+    return clada_opset.SparseMLP(x, w_gate_t, w_up_t, w_down_t, thresholds, activation=act)
