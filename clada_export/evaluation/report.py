@@ -71,6 +71,19 @@ def paired_accuracy(a: dict, b: dict, tasks: list[str], samples: int = 2000, see
     return mean, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), n
 
 
+def _fixed_point_totals(r: dict, tasks: list[str]) -> dict | None:
+    """Passes and step-wise fallbacks of the causal fixed point (methods that react to
+    each token), over the perplexity windows and the tasks' scored contexts."""
+    parts = [r["perplexity"]] if r.get("perplexity") else []
+    parts += [r["tasks"][t] for t in tasks]
+    fps = [p["fixed_point"] for p in parts if p.get("fixed_point")]
+    if not fps:
+        return None
+    runs, passes = sum(f["runs"] for f in fps), sum(f["passes"] for f in fps)
+    return {"runs": runs, "passes": passes, "mean_passes": passes / max(runs, 1),
+            "fallbacks": sum(f["fallbacks"] for f in fps)}
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per (method, level): mean accuracy over the tasks every result holds, its drop
     relative to dense, perplexity and its change, realized sparsity, cost."""
@@ -100,7 +113,10 @@ def summarize(rows: list[dict]) -> dict:
             "ppl_sparsity": r["perplexity"].get("byte_sparsity") if r.get("perplexity") else None,
             "per_task": {t: {"acc": r["tasks"][t]["acc"], "se": r["tasks"][t]["se"], "n": r["tasks"][t]["n"]}
                          for t in tasks},
-            "docs": docs, "seconds_per_doc": secs / max(docs, 1), "complete": r.get("complete", False),
+            "docs": docs, "seconds_per_doc": secs / docs if docs else None, "complete": r.get("complete", False),
+            "ppl_seconds_per_window": (r["perplexity"]["seconds"] / max(len(r["perplexity"]["window_nll"]), 1)
+                                       if r.get("perplexity") else None),
+            "fixed_point": _fixed_point_totals(r, tasks),
         })
     comparisons = []
     by_key = {_key(r): r for r in rows}
@@ -189,15 +205,25 @@ def render_markdown(summary: dict, meta: dict) -> str:
     lines.append(f"Settings: {meta.get('settings_line', '')}")
     lines.append("")
     lines.append("| method | level | mean acc (± se) | drop vs dense | perplexity | ppl vs dense | "
-                 "sparsity (tasks / ppl) | speedup (interp.) | s/doc |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                 "sparsity (tasks / ppl) | speedup (interp.) | s/doc | s/window |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in summary["rows"]:
+        acc = (f"{_fmt(r['mean_acc'])} ± {_fmt(r['mean_acc_se'])}" if tasks else "not measured")
+        drop = _fmt(None if r['acc_drop_rel'] is None else 100 * r['acc_drop_rel'], '+.2f', None)
+        pplc = _fmt(None if r['ppl_change_rel'] is None else 100 * r['ppl_change_rel'], '+.2f', None)
         lines.append(
-            f"| {r['method']} | {_fmt(r['level'], '.2f')} | {_fmt(r['mean_acc'])} ± {_fmt(r['mean_acc_se'])} | "
-            f"{_fmt(None if r['acc_drop_rel'] is None else 100 * r['acc_drop_rel'], '+.2f')}% | {_fmt(r['ppl'], '.3f')} | "
-            f"{_fmt(None if r['ppl_change_rel'] is None else 100 * r['ppl_change_rel'], '+.2f')}% | "
+            f"| {r['method']} | {_fmt(r['level'], '.2f')} | {acc} | {'-' if drop is None else drop + '%'} | "
+            f"{_fmt(r['ppl'], '.3f')} | {'-' if pplc is None else pplc + '%'} | "
             f"{_fmt(r['task_sparsity'], '.3f')} / {_fmt(r['ppl_sparsity'], '.3f')} | "
-            f"{_fmt(r.get('speedup'), '.2f', 'not measured')} | {_fmt(r['seconds_per_doc'], '.3f')} |")
+            f"{_fmt(r.get('speedup'), '.2f', 'not measured')} | {_fmt(r['seconds_per_doc'], '.2f')} | "
+            f"{_fmt(r.get('ppl_seconds_per_window'), '.1f')} |")
+    fp = [(r["key"], r["fixed_point"]) for r in summary["rows"] if r.get("fixed_point")]
+    if fp:
+        lines += ["", "Methods that react to each token, scored by the causal fixed point (the decisions of their "
+                  "step-by-step decode, in teacher-forced passes like the static methods'; "
+                  "`clada_export/evaluation/scoring.py`): " + "; ".join(
+                      f"{k}: {f['mean_passes']:.1f} passes per scored context or window over {f['runs']}, "
+                      f"{f['fallbacks']} step-wise fallbacks" for k, f in fp) + "."]
     sp = summary.get("speed")
     if sp:
         pts = ", ".join(f"{a:.3f}: {b:.2f}x" for a, b in sp["points"][1:])
@@ -210,19 +236,22 @@ def render_markdown(summary: dict, meta: dict) -> str:
         lines += ["", "Speedup: not measured (no `clada-export bench` results given to the report)."]
     if summary.get("incomplete"):
         lines += ["", f"Not yet complete (left out): {', '.join(summary['incomplete'])}; the same command resumes them."]
-    lines += ["", "Accuracy per task (± standard error; n documents each):", ""]
-    lines.append("| method | level | " + " | ".join(TASKS[t].title for t in tasks) + " |")
-    lines.append("| --- | --- | " + " | ".join("---" for _ in tasks) + " |")
-    for r in summary["rows"]:
-        cells = [f"{r['per_task'][t]['acc']:.3f} ± {r['per_task'][t]['se']:.3f}" for t in tasks]
-        lines.append(f"| {r['method']} | {_fmt(r['level'], '.2f')} | " + " | ".join(cells) + " |")
+    if tasks:
+        lines += ["", "Accuracy per task (± standard error; n documents each):", ""]
+        lines.append("| method | level | " + " | ".join(TASKS[t].title for t in tasks) + " |")
+        lines.append("| --- | --- | " + " | ".join("---" for _ in tasks) + " |")
+        for r in summary["rows"]:
+            cells = [f"{r['per_task'][t]['acc']:.3f} ± {r['per_task'][t]['se']:.3f}" for t in tasks]
+            lines.append(f"| {r['method']} | {_fmt(r['level'], '.2f')} | " + " | ".join(cells) + " |")
     if summary["comparisons"]:
         lines += ["", "Dynamic control against the static and selection methods at the same level "
                   "(paired over the same documents / windows, 95% bootstrap intervals):", "",
                   "| a | b | accuracy a - b | interval | docs | NLL a - b (nats/token) | interval |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for c in summary["comparisons"]:
-            lines.append(f"| {c['a']} | {c['b']} | {c['acc_diff']:+.4f} | [{c['acc_ci'][0]:+.4f}, {c['acc_ci'][1]:+.4f}] "
+            acc = (f"{c['acc_diff']:+.4f} | [{c['acc_ci'][0]:+.4f}, {c['acc_ci'][1]:+.4f}]" if c["docs"]
+                   else "not measured | -")
+            lines.append(f"| {c['a']} | {c['b']} | {acc} "
                          f"| {c['docs']} | {_fmt(c.get('nll_diff'), '+.4f')} | "
                          + (f"[{c['nll_ci'][0]:+.4f}, {c['nll_ci'][1]:+.4f}]" if "nll_ci" in c else "-") + " |")
     return "\n".join(lines) + "\n"
