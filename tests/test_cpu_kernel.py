@@ -322,3 +322,16 @@ def test_generate_defaults_to_torch_and_prints_the_dense_figure(tiny_chat_export
     assert dense > 0 and abs(ratio - sparse / dense) <= 0.01 * ratio + 0.01
     assert main(args + ["--no-dense-baseline"]) == 0
     assert "dense" not in capsys.readouterr().err.replace("--dense", "")
+
+
+def test_decode_threads_rule(monkeypatch):
+    from clada_export.runtime import cpu_mlp
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.5, 5.0, 4.0))
+    threads, note = cpu_mlp.decode_threads(None)
+    assert threads == 1 and "load average 5.5 on 2 cores" in note
+    assert cpu_mlp.decode_threads(2) == (2, None)  # asked for: kept
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert cpu_mlp.decode_threads(None) == (2, None)

@@ -33,6 +33,9 @@ def add_parsers(sub, _add_model_arg) -> None:
                    help="device of backends that load the checkpoint (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype of backends that load the checkpoint (default: the backend's own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the torch backend (default: torch's, or 1 when the CPU is already busy: "
+                        "docs/cpu.md)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt, at most")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="drop a prompt's oldest tokens when prompt + --max-new-tokens exceeds the model's context "
@@ -85,6 +88,18 @@ def run_generate(args: argparse.Namespace) -> None:
         source = manifest.get("source")
         args.backend = "torch" if source and Path(source).is_dir() else "onnxruntime"
     backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.backend == "torch" and backend.device.type == "cpu":
+        import torch
+
+        from clada_export.runtime.cpu_mlp import decode_threads
+
+        threads, note = decode_threads(args.threads)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     if getattr(backend, "mlp_note", None):
         gpu = "; --backend cuda runs the GPU kernels" if backend.device.type == "cuda" else ""
         print(f"note: the torch backend decodes with the reference op (dense products, then masks), so sparsity "
@@ -126,6 +141,8 @@ def run_generate(args: argparse.Namespace) -> None:
         if dense == dense:  # NaN: too few tokens to time
             sparse = result.decode_tokens_per_second
             stats.insert(2, f"dense {dense:.1f} tokens/s on the same backend: {sparse / dense:.2f}x")
+    if args.backend == "torch" and backend.device.type == "cpu":
+        torch.set_num_threads(previous_threads)  # main() may be called again in this process (tests)
     print("[" + ", ".join(stats) + "]", file=sys.stderr)
     if args.trace and mode != "dynamic":
         print("note: --trace records controller decisions; none were made in this mode", file=sys.stderr)

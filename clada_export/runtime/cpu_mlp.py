@@ -62,3 +62,22 @@ def with_cpu_mlp(model: Decoder, row_counts: torch.Tensor) -> Decoder:
         blocks.append(b)
     fast.layers = nn.ModuleList(blocks)
     return fast
+
+
+def decode_threads(requested: int | None) -> tuple[int, str | None]:
+    """torch's intra-op threads for decoding on the CPU, and a note when the rule below
+    chose them. ``requested`` wins; otherwise torch's own count, except on a machine whose
+    1-minute load average is at least its core count: one thread. An OpenMP team waits at
+    every op for its slowest thread, and on a busy 2-core machine that thread is often not
+    running: measured there (load 5-6), 2 threads decoded at 1.7 tokens/s, 1 thread at 7.2
+    dense and 8.9 through the kernel (docs/cpu.md)."""
+    import os
+
+    if requested is not None:
+        return requested, None
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    threads = torch.get_num_threads()
+    if threads > 1 and load >= cores:
+        return 1, (f"the CPU is busy (load average {load:.1f} on {cores} cores), so decoding runs on 1 thread, "
+                   f"not {threads}; --threads sets it")
+    return threads, None
