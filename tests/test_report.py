@@ -57,8 +57,8 @@ def test_report_renders_from_saved_results_alone(tmp_path):
     md_path = report.render(tmp_path, bench=bench, bench_shape="toy")
     md = md_path.read_text()
     # reached 0.4: halfway between the two static batch-1 points
-    assert "| greedy | 0.40 | 0.6250 ± 0.1909 | +16.67% | 2.901 | +6.72% | 0.400 / 0.400 | 1.35 |" in md
-    assert "| dense | - | 0.7500 ± 0.1768 | +0.00% | 2.718 | +0.00% | - / - | 1.00 |" in md
+    assert "| greedy | 0.40 | 0.6250 ± 0.1909 | +16.67% | 2.901 | +6.72% | 0.400 / 0.400 | 1.350 |" in md
+    assert "| dense | - | 0.7500 ± 0.1768 | +0.00% | 2.718 | +0.00% | - / - | 1.000 |" in md
     assert "interpolated" in md and "GPU" in md
     assert "| dense | - | 0.7500 ± " in md
     assert "| greedy | 0.40 | 0.6250 ± " in md and "+16.67%" in md  # (0.75 - 0.625) / 0.75

@@ -164,7 +164,7 @@ def load_bench(paths: list[Path], shape: str | None = None) -> dict | None:
             if isinstance(sp, (int, float)) and isinstance(su, (int, float)) and np.isfinite(sp) and np.isfinite(su):
                 points.append([float(sp), float(su)])
                 devices.add(str(d.get("device")))
-                models.add(str(d.get("model")))
+                models.add(str(d.get("model")).split(",")[0])  # the shape, without the per-file level
                 backends.add(str(c.get("backend")))
                 files.append(p.name)
     if not points:
@@ -215,7 +215,7 @@ def render_markdown(summary: dict, meta: dict) -> str:
             f"| {r['method']} | {_fmt(r['level'], '.2f')} | {acc} | {'-' if drop is None else drop + '%'} | "
             f"{_fmt(r['ppl'], '.3f')} | {'-' if pplc is None else pplc + '%'} | "
             f"{_fmt(r['task_sparsity'], '.3f')} / {_fmt(r['ppl_sparsity'], '.3f')} | "
-            f"{_fmt(r.get('speedup'), '.2f', 'not measured')} | {_fmt(r['seconds_per_doc'], '.2f')} | "
+            f"{_fmt(r.get('speedup'), '.3f', 'not measured')} | {_fmt(r['seconds_per_doc'], '.2f')} | "
             f"{_fmt(r.get('ppl_seconds_per_window'), '.1f')} |")
     fp = [(r["key"], r["fixed_point"]) for r in summary["rows"] if r.get("fixed_point")]
     if fp:
@@ -226,7 +226,7 @@ def render_markdown(summary: dict, meta: dict) -> str:
                       f"{f['fallbacks']} step-wise fallbacks" for k, f in fp) + "."]
     sp = summary.get("speed")
     if sp:
-        pts = ", ".join(f"{a:.3f}: {b:.2f}x" for a, b in sp["points"][1:])
+        pts = ", ".join(f"{a:.3f}: {b:.3f}x" for a, b in sp["points"][1:])
         lines += ["", f"Speedup: batch-1 decode speedup over dense, interpolated at each method's reached "
                   f"sparsity from `clada-export bench` of static thresholds on {sp['device']} ({sp['backend']}; "
                   f"{sp['model']}: synthetic weights; points {pts}; files {', '.join(sp['files'])}). "
