@@ -77,6 +77,11 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     if profile is None:
         print("note: this export has no sparsity profile, so only dense is timed", file=sys.stderr)
     if device == "cpu":  # a CPU is often shared: interleave the cases (bench.run_bench_interleaved)
+        from clada_export.runtime.cpu_mlp import decode_threads
+
+        threads, note = decode_threads(None)  # what generate would use on this machine now
+        torch.set_num_threads(threads)
+        result.notes.append(note or f"torch threads: {threads}")
         bench.run_bench_interleaved(factories, result, profile, args.batches, vocab, args.repeats, modes)
     else:
         bench.run_bench(factories, result, profile, args.batches, vocab, modes)
