@@ -160,6 +160,7 @@ def test_accuracy_and_standard_error():
     acc, se = T.accuracy([1, 0, 1, 1])
     assert acc == 0.75 and se == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
     assert T.parse_tasks("all") == list(T.TASKS) and T.parse_tasks("piqa,boolq") == ["piqa", "boolq"]
+    assert T.parse_tasks("none") == []  # perplexity only; a later run with tasks resumes the results
     from clada_export.errors import UserError
 
     with pytest.raises(UserError, match="unknown task 'mmlu'"):
