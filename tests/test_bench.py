@@ -71,10 +71,38 @@ def test_decode_path_refuses_what_it_does_not_run():
     """The GPU decode step is the Llama layout: a model whose config asks for more (Gemma's
     sandwich norms and soft-caps, say) is refused with the fields named, before anything
     touches a GPU, instead of being decoded without them."""
+    import dataclasses
     from types import SimpleNamespace
 
+    from clada_export.runtime.bench import SYNTHETIC
     from clada_export.runtime.cuda_graph import DecodePath, DecodePathUnsupported
 
-    cfg = SimpleNamespace(model_type="gemma2", sandwich_norms=True, attn_softcap=50.0, norm_offset=1.0)
-    with pytest.raises(DecodePathUnsupported, match="norm_offset, sandwich_norms, attn_softcap"):
+    cfg = dataclasses.replace(SYNTHETIC["smollm2-135m"][0], model_type="gemma2", sandwich_norms=True,
+                              attn_softcap=50.0, norm_offset=1.0)
+    with pytest.raises(DecodePathUnsupported, match="this gemma2 model also needs .*sandwich_norms"):
         DecodePath(SimpleNamespace(cfg=cfg))
+
+
+def test_default_backend_follows_what_is_there(tmp_path, monkeypatch):
+    """generate's default backend: onnxruntime without the checkpoint, torch on a CPU, cuda on
+    a GPU with the kernel library, torch with a note naming the build when the library is missing."""
+    import torch
+
+    from clada_export.ops import native
+    from clada_export.runtime.backends import default_backend
+
+    assert default_backend({"source": str(tmp_path / "gone")}) == ("onnxruntime", None)
+    manifest = {"source": str(tmp_path)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_backend(manifest) == ("torch", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_backend(manifest, device="cpu") == ("torch", None)
+    monkeypatch.setattr(native, "load_library", lambda: None)
+    assert default_backend(manifest) == ("cuda", None)
+
+    def missing():
+        raise native.NativeKernelsUnavailable("libclada_kernels.so not found; build it with: pip install -e .")
+
+    monkeypatch.setattr(native, "load_library", missing)
+    name, note = default_backend(manifest)
+    assert name == "torch" and "pip install -e ." in note

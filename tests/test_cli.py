@@ -30,7 +30,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     code, _, err = run_cli(capsys, "export", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"))
     line = one_line_error(err)
-    assert code == 2 and "gpt2" in line and "llama, mistral, qwen2, qwen3" in line
+    assert code == 2 and "gpt2" in line and "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3" in line
     assert not (tmp_path / "out").exists()
 
 

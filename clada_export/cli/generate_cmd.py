@@ -27,8 +27,9 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of several prompts")
     p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="what runs the graphs (default: torch when the export's checkpoint is there, which on a "
-                        "CPU decodes through the SparseMLP kernel, else onnxruntime)")
+                   help="what runs the graphs (default: when the export's checkpoint is there, cuda on an NVIDIA "
+                        "GPU with the kernel library built, else torch, which on a CPU decodes through the "
+                        "SparseMLP kernel; without the checkpoint, onnxruntime)")
     p.add_argument("--device", default=None,
                    help="device of backends that load the checkpoint (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -60,7 +61,7 @@ def add_parsers(sub, _add_model_arg) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from clada_export.export.onnx_export import read_export_profile, read_manifest
     from clada_export.prompts import encode_prompts, eos_token_ids, fit_prompts, load_export_tokenizer
-    from clada_export.runtime.backends import open_backend
+    from clada_export.runtime.backends import default_backend, open_backend
     from clada_export.runtime.controller import load_controller_config
     from clada_export.runtime.generator import Generator, summary_stats, threshold_mode
     from clada_export.runtime.sampling import SamplingConfig
@@ -85,8 +86,9 @@ def run_generate(args: argparse.Namespace) -> None:
     factory, static, mode, controllers = threshold_mode(profile, args.dense, args.static, controller_config, args.trace)
     eos_ids = eos_token_ids(tok)
     if args.backend is None:
-        source = manifest.get("source")
-        args.backend = "torch" if source and Path(source).is_dir() else "onnxruntime"
+        args.backend, note = default_backend(manifest, args.device)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")

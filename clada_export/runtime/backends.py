@@ -232,6 +232,27 @@ class OnnxRuntimeBackend(Backend):
         })
 
 
+def default_backend(manifest: dict, device: str | None = None) -> tuple[str, str | None]:
+    """The backend ``generate`` runs when none is named, and a note when a faster one was
+    passed over: cuda on an NVIDIA GPU with the kernel library (the export's checkpoint
+    is needed), else torch (on a CPU it decodes through the CPU SparseMLP kernel), and
+    onnxruntime when the checkpoint is gone."""
+    source = manifest.get("source")
+    if not source or not Path(source).is_dir():
+        return "onnxruntime", None
+    if device not in (None, "cuda") and not str(device).startswith("cuda"):
+        return "torch", None
+    if not torch.cuda.is_available():
+        return "torch", None
+    from clada_export.ops.native import NativeKernelsUnavailable, load_library
+
+    try:
+        load_library()
+    except NativeKernelsUnavailable as e:
+        return "torch", f"the GPU runs the torch backend (reference op, no sparse kernels): {e}"
+    return "cuda", None
+
+
 def open_backend(name: str, export_dir: str | Path, manifest: dict, *, device: str | None = None,
                  dtype: str | None = None) -> Backend:
     """The backend ``name`` for the export in ``export_dir`` (its manifest already read).

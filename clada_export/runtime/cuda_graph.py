@@ -63,12 +63,6 @@ class _LayerWeights:
     down: torch.Tensor | None  # [hidden, inter]
 
 
-# DecoderConfig fields (model/config.py) and their Llama-layout values: a model with any
-# other value (Gemma's norms, scales and soft-caps, local RoPE, partial rotary, longrope)
-# is refused by DecodePath rather than decoded without it
-LLAMA_LAYOUT = (("norm_offset", 0.0), ("embed_scale", None), ("sandwich_norms", False), ("attn_scale", None),
-                ("attn_softcap", None), ("final_softcap", None), ("sliding_layers", None), ("local_rope", False),
-                ("rotary_dim", None), ("rope_long_after", None))
 DENSE_LAYOUTS = ("auto", "linear", "kernel")
 # the kernel's layout serves the dense GEMMs too when they are at most this much slower there
 LAYOUT_TOLERANCE = 1.02
@@ -89,7 +83,7 @@ class DecodePath:
 
         cfg = model.cfg
         # the step below is the Llama layout; a family's extra parts must not be dropped silently
-        extras = [name for name, plain in LLAMA_LAYOUT if getattr(cfg, name, plain) != plain]
+        extras = cfg.llama_layout_differences()
         if extras:
             raise DecodePathUnsupported(f"the GPU decode path runs the Llama layout (Llama, Mistral, Qwen2, Qwen3); "
                                         f"this {cfg.model_type} model also needs {', '.join(extras)}")
