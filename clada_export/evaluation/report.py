@@ -345,11 +345,13 @@ def render(out: Path, meta: dict | None = None, bench: list[Path] | None = None,
     meta.setdefault("model", rows[0].get("model"))
     meta.setdefault("model_title", Path(rows[0].get("model_dir") or str(meta["model"])).name)
     s = rows[0]["settings"]
-    meta.setdefault("settings_line", f"{s['tasks_limit']} documents per task (seed {s['seed']}), zero-shot; "
-                    f"perplexity on {s['ppl_windows']} x {s['ppl_window']} held-out tokens "
-                    f"(first {s['prefix']} prefilled dense); calibration {s['calib_tokens']} + "
-                    f"{s['heldout_tokens']} tokens")
     summary = summarize(rows)
+    tasks_line = (f"{s['tasks_limit']} documents per task (seed {s['seed']}), zero-shot"
+                  if summary["tasks"] else "no task run (perplexity only)")
+    windows_line = (f"perplexity on {s['ppl_windows']} x {s['ppl_window']} held-out tokens "
+                    f"(first {s['prefix']} prefilled dense)" if s["ppl_windows"] else "no perplexity windows")
+    meta.setdefault("settings_line", f"{tasks_line}; {windows_line}; calibration {s['calib_tokens']} + "
+                    f"{s['heldout_tokens']} tokens")
     add_speed(summary, load_bench(bench, bench_shape) if bench else None)
     plots = _plots(rows, summary, out)
     md = render_markdown(summary, meta) + "\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
