@@ -191,7 +191,8 @@ def native_controller_available() -> str | None:
 
 
 def make_controller(profile: SparsityProfile, config: ControllerConfig | None = None, batch: int = 1,
-                    trace: str | os.PathLike | None = None, native: bool | None = None):
+                    trace: str | os.PathLike | None = None,
+                    native: bool | None = None) -> ThresholdController | NativeController:
     """The controller a decode loop runs: the C++ one (``native=True``, or ``None`` where the
     kernel library loads and no trace is asked for), else the Python one (which writes traces)."""
     if native is None:
