@@ -276,8 +276,15 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    fig, ax = plt.subplots(figsize=(6, 4))
     dense = next((r for r in summary["rows"] if r["method"] == "dense"), None)
+    if any(r["ppl"] is not None for r in summary["rows"]):
+        _plot_perplexity(plt, summary, dense, out, made)
+    _more_plots(plt, rows, summary, out, made)
+    return made
+
+
+def _plot_perplexity(plt, summary: dict, dense: dict | None, out: Path, made: list[str]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
     for m in ORDER[1:]:
         pts = sorted((r["level"], r["ppl"]) for r in summary["rows"] if r["method"] == m and r["ppl"] is not None)
         if pts:
@@ -287,6 +294,9 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
     ax.set_xlabel("target mean MLP byte sparsity")
     ax.set_ylabel("perplexity (held-out windows, decode steps)")
     _save_plot(fig, ax, out, "perplexity_vs_sparsity.png", made)
+
+
+def _more_plots(plt, rows: list[dict], summary: dict, out: Path, made: list[str]) -> None:
 
     trace = next((r["perplexity"]["trace"] for r in rows if r["method"] == "dynamic" and r.get("perplexity")
                   and r["perplexity"].get("trace")), None)
@@ -317,7 +327,6 @@ def _plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
                           "synthetic weights)", fontsize=8)
             ax.set_ylabel(label)
             _save_plot(fig, ax, out, name, made)
-    return made
 
 
 def environment() -> dict:
