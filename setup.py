@@ -60,10 +60,16 @@ def default_archs() -> str:
 
 
 class build_kernels(Command):
-    """Configure and build plugins/ with CMake, then copy libclada_kernels.so into the package."""
+    """Configure and build plugins/ with CMake, then copy libclada_kernels.so into the package.
+    Subclasses name another CMake project, library, compiler and switch (build_cpu_kernels)."""
 
     description = "build libclada_kernels.so (CUDA) into clada_export/lib"
     user_options: list = []
+    lib_name = LIB_NAME
+    cmake_target = "clada_kernels"  # also the build directory's name
+    source = ROOT / "plugins"
+    switch = "CLADA_BUILD_KERNELS"
+    without = "the CUDA kernel library (the CPU backends work; see docs/gpu.md to build it)"
 
     def initialize_options(self) -> None:
         self.build_lib = None
@@ -75,40 +81,47 @@ class build_kernels(Command):
 
     def _target(self) -> Path:
         # editable installs import the package from the source tree: the library goes there
-        return (ROOT if self.editable_mode else Path(self.build_lib)) / PACKAGE_LIB / LIB_NAME
+        return (ROOT if self.editable_mode else Path(self.build_lib)) / PACKAGE_LIB / self.lib_name
+
+    def _compiler(self) -> tuple[str | None, str]:
+        """The compiler CMake is given (None when missing) and its name for the message."""
+        return find_nvcc(), "nvcc"
+
+    def _configure(self, compiler: str) -> tuple[list[str], str]:
+        """Extra CMake configure flags, and what the build line says about them."""
+        archs = os.environ.get("CLADA_CUDA_ARCHS") or default_archs()
+        return ([f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={compiler}",
+                 "-DCLADA_KERNELS_ONLY=ON"], f"for CUDA architectures {archs}")
 
     def run(self) -> None:
-        mode = os.environ.get("CLADA_BUILD_KERNELS", "")
+        mode = os.environ.get(self.switch, "")
         if mode == "0":
             return
-        nvcc, cmake = find_nvcc(), shutil.which("cmake")
-        if nvcc is None or cmake is None:
-            missing = "nvcc" if nvcc is None else "cmake"
+        (compiler, compiler_name), cmake = self._compiler(), shutil.which("cmake")
+        if compiler is None or cmake is None:
+            missing = compiler_name if compiler is None else "cmake"
             if mode == "1":
-                raise SystemExit(f"CLADA_BUILD_KERNELS=1 but {missing} was not found")
-            print(f"clada-export: {missing} not found, installing without the CUDA kernel library "
-                  "(the CPU backends work; see docs/gpu.md to build it)", file=sys.stderr)
+                raise SystemExit(f"{self.switch}=1 but {missing} was not found")
+            print(f"clada-export: {missing} not found, installing without {self.without}", file=sys.stderr)
             return
-        build_dir = Path(self.build_temp).resolve() / "clada_kernels"
-        archs = os.environ.get("CLADA_CUDA_ARCHS") or default_archs()
-        configure = [cmake, "-S", str(ROOT / "plugins"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={nvcc}",
-                     "-DCLADA_KERNELS_ONLY=ON"]
+        build_dir = Path(self.build_temp).resolve() / self.cmake_target
+        flags, label = self._configure(compiler)
+        configure = [cmake, "-S", str(self.source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", *flags]
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
-        print(f"clada-export: building {LIB_NAME} for CUDA architectures {archs}", file=sys.stderr)
+        print(f"clada-export: building {self.lib_name} {label}", file=sys.stderr)
         try:
             subprocess.run(configure, check=True)
-            subprocess.run([cmake, "--build", str(build_dir), "--target", "clada_kernels", "-j",
+            subprocess.run([cmake, "--build", str(build_dir), "--target", self.cmake_target, "-j",
                             str(os.cpu_count() or 2)], check=True)
         except subprocess.CalledProcessError as exc:
             if mode == "1":
                 raise
-            print(f"clada-export: building {LIB_NAME} failed ({exc}); installing without it", file=sys.stderr)
+            print(f"clada-export: building {self.lib_name} failed ({exc}); installing without it", file=sys.stderr)
             return
         target = self._target()
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(build_dir / LIB_NAME, target)
+        shutil.copy2(build_dir / self.lib_name, target)
 
     def get_outputs(self) -> list[str]:
         return [str(self._target())] if self._target().is_file() else []
@@ -132,41 +145,18 @@ class build_cpu_kernels(build_kernels):
     libclada_cpu.so into the package. Independent of nvcc and of the CUDA build."""
 
     description = "build libclada_cpu.so (C++, CPU) into clada_export/lib"
+    lib_name = CPU_LIB_NAME
+    cmake_target = "clada_cpu"
+    source = ROOT / "plugins" / "cpu"
+    switch = "CLADA_BUILD_CPU_KERNELS"
+    without = ("the CPU kernel library (the torch backend then runs the reference op and says how to build it; "
+               "docs/cpu.md)")
 
-    def _target(self) -> Path:
-        return (ROOT if self.editable_mode else Path(self.build_lib)) / PACKAGE_LIB / CPU_LIB_NAME
+    def _compiler(self) -> tuple[str | None, str]:
+        return find_cxx(), "a C++ compiler"
 
-    def run(self) -> None:
-        mode = os.environ.get("CLADA_BUILD_CPU_KERNELS", "")
-        if mode == "0":
-            return
-        cxx, cmake = find_cxx(), shutil.which("cmake")
-        if cxx is None or cmake is None:
-            missing = "a C++ compiler" if cxx is None else "cmake"
-            if mode == "1":
-                raise SystemExit(f"CLADA_BUILD_CPU_KERNELS=1 but {missing} was not found")
-            print(f"clada-export: {missing} not found, installing without the CPU kernel library "
-                  "(the torch backend then runs the reference op and says how to build it; docs/cpu.md)",
-                  file=sys.stderr)
-            return
-        build_dir = Path(self.build_temp).resolve() / "clada_cpu"
-        configure = [cmake, "-S", str(ROOT / "plugins" / "cpu"), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_CXX_COMPILER={cxx}"]
-        if shutil.which("ninja"):
-            configure += ["-G", "Ninja"]
-        print(f"clada-export: building {CPU_LIB_NAME} with {cxx}", file=sys.stderr)
-        try:
-            subprocess.run(configure, check=True)
-            subprocess.run([cmake, "--build", str(build_dir), "--target", "clada_cpu", "-j",
-                            str(os.cpu_count() or 2)], check=True)
-        except subprocess.CalledProcessError as exc:
-            if mode == "1":
-                raise
-            print(f"clada-export: building {CPU_LIB_NAME} failed ({exc}); installing without it", file=sys.stderr)
-            return
-        target = self._target()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(build_dir / CPU_LIB_NAME, target)
+    def _configure(self, compiler: str) -> tuple[list[str], str]:
+        return [f"-DCMAKE_CXX_COMPILER={compiler}"], f"with {compiler}"
 
 
 class build_with_kernels(build):
