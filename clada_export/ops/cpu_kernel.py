@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from clada_export.ops.native import find_library
-from clada_export.ops.sparse_mlp import ACTIVATIONS
+from clada_export.ops.native import ACT_CODES, find_library, open_library
 
 CPU_LIB = "libclada_cpu.so"
 REPO_CPU_BUILD_DIR = Path(__file__).resolve().parents[2] / "plugins" / "cpu" / "build"
@@ -34,8 +33,6 @@ BUILD_COMMAND = (
 ABI_VERSION = 1
 MAX_ROWS = 8
 ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
-_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-assert set(_ACTS) == set(ACTIVATIONS)
 _STATUS_INVALID, _STATUS_UNSUPPORTED = 1, 2
 
 
@@ -62,20 +59,9 @@ def load_library() -> ctypes.CDLL:
     with _lib_lock:
         if _lib is not None:
             return _lib
-        path = library_path()
-        if path is None or not path.is_file():
-            raise CpuKernelUnavailable(
-                f"CPU kernel library {CPU_LIB} not found in {path or 'clada_export/lib or ' + str(REPO_CPU_BUILD_DIR)}"
-                f" (CLADA_CPU_LIB overrides). Build it with: {BUILD_COMMAND}")
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise CpuKernelUnavailable(f"cannot load {path}: {exc}. Rebuild with: {BUILD_COMMAND}") from exc
-        lib.clada_cpu_abi_version.restype = ctypes.c_int
-        version = lib.clada_cpu_abi_version()
-        if version != ABI_VERSION:
-            raise CpuKernelUnavailable(f"{path} has ABI version {version}, this binding expects {ABI_VERSION}; "
-                                       f"rebuild with: {BUILD_COMMAND}")
+        lib = open_library(library_path(), f"CPU kernel library {CPU_LIB}",
+                           "clada_export/lib or " + str(REPO_CPU_BUILD_DIR), "CLADA_CPU_LIB", "clada_cpu_abi_version",
+                           ABI_VERSION, BUILD_COMMAND, CpuKernelUnavailable)
         lib.clada_cpu_best_isa.restype = ctypes.c_int
         lib.clada_sparse_mlp_cpu.restype = ctypes.c_int
         lib.clada_sparse_mlp_cpu.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
@@ -130,8 +116,8 @@ def _row_thresholds(thresholds: torch.Tensor, x: torch.Tensor, rows: int) -> tor
 def check_inputs(x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_down_t: torch.Tensor,
                  act: str) -> int:
     """Raise ValueError/TypeError naming the bad argument; return the number of token rows."""
-    if act not in _ACTS:
-        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+    if act not in ACT_CODES:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
     if x.dim() < 2:
         raise ValueError(f"x must be [batch, ..., hidden], got shape {list(x.shape)}")
     hidden = x.shape[-1]
@@ -176,7 +162,7 @@ def sparse_mlp_cpu_op(
     lib = load_library()
     status = lib.clada_sparse_mlp_cpu(
         x_c.data_ptr(), ws[0].data_ptr(), ws[1].data_ptr(), ws[2].data_ptr(), thr.data_ptr(), out.data_ptr(),
-        rows, x.shape[-1], w_gate_t.shape[1], _ACTS[act], torch.get_num_threads(), _isa, row_counts.data_ptr())
+        rows, x.shape[-1], w_gate_t.shape[1], ACT_CODES[act], torch.get_num_threads(), _isa, row_counts.data_ptr())
     if status != 0:
         message = lib.clada_cpu_error_string(status).decode()
         if status == _STATUS_UNSUPPORTED:

@@ -45,8 +45,9 @@ MAX_BATCH = 8
 MAX_HIDDEN = 8192
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
-_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-assert set(_ACTS) == set(ACTIVATIONS)
+# clada_act_t of both libraries' C ABIs (plugins/kernels/sparse_mlp.h, plugins/cpu/sparse_mlp_cpu.h)
+ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+assert set(ACT_CODES) == set(ACTIVATIONS)
 
 
 class NativeKernelsUnavailable(RuntimeError):
@@ -84,6 +85,27 @@ def library_path() -> Path | None:
     return find_library(KERNELS_LIB, "CLADA_KERNELS_LIB")
 
 
+def open_library(path: Path | None, what: str, where: str, env_var: str, abi_symbol: str, abi_version: int,
+                 build_command: str, error: type[Exception]) -> ctypes.CDLL:
+    """Load the library at ``path`` and check its ABI version (``abi_symbol()``), or raise
+    ``error`` saying what is missing and how to build it. Both kernel libraries (CUDA, CPU)
+    open this way."""
+    if path is None or not path.is_file():
+        raise error(f"{what} not found in {path or where} ({env_var} overrides). Build it with: {build_command}")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise error(f"cannot load {path}: {exc}. Rebuild with: {build_command}") from exc
+    abi = getattr(lib, abi_symbol)
+    abi.restype = ctypes.c_int
+    abi.argtypes = []
+    version = abi()
+    if version != abi_version:
+        raise error(f"{path} has ABI version {version}, this binding expects {abi_version}; "
+                    f"rebuild with: {build_command}")
+    return lib
+
+
 def load_library() -> ctypes.CDLL:
     """Load (once) and return the kernel library; raise NativeKernelsUnavailable if absent."""
     global _lib
@@ -92,24 +114,9 @@ def load_library() -> ctypes.CDLL:
     with _lib_lock:
         if _lib is not None:
             return _lib
-        path = library_path()
-        if path is None or not path.is_file():
-            where = path or f"{PACKAGE_LIB_DIR} or {REPO_BUILD_DIR}"
-            raise NativeKernelsUnavailable(
-                f"CUDA kernel library {KERNELS_LIB} not found in {where} (CLADA_KERNELS_LIB overrides). "
-                f"Build it with: {BUILD_COMMAND}"
-            )
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise NativeKernelsUnavailable(f"cannot load {path}: {exc}. Rebuild with: {BUILD_COMMAND}") from exc
-        lib.clada_kernels_abi_version.restype = ctypes.c_int
-        lib.clada_kernels_abi_version.argtypes = []
-        version = lib.clada_kernels_abi_version()
-        if version != ABI_VERSION:
-            raise NativeKernelsUnavailable(
-                f"{path} has ABI version {version}, this binding expects {ABI_VERSION}; rebuild with: {BUILD_COMMAND}"
-            )
+        lib = open_library(library_path(), f"CUDA kernel library {KERNELS_LIB}", f"{PACKAGE_LIB_DIR} or {REPO_BUILD_DIR}",
+                           "CLADA_KERNELS_LIB", "clada_kernels_abi_version", ABI_VERSION, BUILD_COMMAND,
+                           NativeKernelsUnavailable)
         lib.clada_sparse_mlp_workspace_size.restype = ctypes.c_size_t
         lib.clada_sparse_mlp_workspace_size.argtypes = [ctypes.c_int] * 3
         sparse_mlp_args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [
@@ -189,8 +196,8 @@ def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int 
 
 
 def _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act) -> None:
-    if act not in _ACTS:
-        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+    if act not in ACT_CODES:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"sparse_mlp_cuda supports bfloat16 and float16, got {x.dtype}")
     for name, t in (("w_gate_t", w_gate_t), ("w_up_t", w_up_t), ("w_down_t", w_down_t)):
@@ -255,7 +262,7 @@ def sparse_mlp_cuda_into(
         hidden,
         inter,
         _DTYPES[x.dtype],
-        _ACTS[act],
+        ACT_CODES[act],
         ws.data_ptr(),
         ws.numel(),
         1 if zeroed else 0,
@@ -367,15 +374,15 @@ def gate_mask(gate_up: torch.Tensor, thresholds: torch.Tensor, act: str) -> torc
     """``h = act(g) * u``, kept where ``|h| > t_mid``, for ``gate_up [B, 2 * inter]`` (gate
     then up, one GEMM's output): the op's middle between dense GEMMs (one launch)."""
     _check_rows("gate_up", gate_up, thresholds)
-    if act not in _ACTS:
-        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+    if act not in ACT_CODES:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
     inter = gate_up.shape[1] // 2
     if inter % 8:
         raise ValueError(f"gate_up must hold 2 x inter columns with inter a multiple of 8, got {gate_up.shape[1]}")
     out = gate_up.new_empty((gate_up.shape[0], inter))
     _check_status("clada_gate_mask", load_library().clada_gate_mask(
         gate_up.data_ptr(), thresholds.data_ptr(), out.data_ptr(), gate_up.shape[0], inter, _DTYPES[gate_up.dtype],
-        _ACTS[act], torch.cuda.current_stream(gate_up.device).cuda_stream))
+        ACT_CODES[act], torch.cuda.current_stream(gate_up.device).cuda_stream))
     return out
 
 
