@@ -80,6 +80,28 @@ def _hf_step(ref, ids, cache):
     return out.logits[:, -1], out.cache
 
 
+def _greedy_parity(ours, ref, prompt: torch.Tensor, max_len: int | None = None) -> float:
+    """Prefill ``prompt [B, P]`` and STEPS greedy decode steps through our decoder's cache and
+    transformers' (its own cached step); every greedy token must agree. Returns the worst
+    relative error of the logits over those steps."""
+    B, P = prompt.shape
+    k, v = ours.new_cache(B, max_len or P + STEPS)
+    zeros = torch.zeros(ours.cfg.num_layers, B, 2)
+    worst = 0.0
+    with torch.no_grad():
+        out = ours(prompt, torch.arange(P)[None].expand(B, -1), k, v, zeros)
+        expected, cache = _hf_step(ref, prompt, None)
+        for step in range(STEPS + 1):
+            worst = max(worst, rel_err(out.logits, expected))
+            if step == STEPS:
+                break
+            nxt = out.logits.argmax(-1)
+            assert torch.equal(nxt, expected.argmax(-1)), f"greedy token differs at step {step}"
+            out = ours(nxt[:, None], torch.full((B, 1), P + step), out.k_caches, out.v_caches, zeros)
+            expected, cache = _hf_step(ref, nxt[:, None], cache)
+    return worst
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_and_greedy_decode_match_transformers(family, checkpoints):
     """fp32 logits within 1e-4 (relative) of transformers over the prefill and 16 greedy
@@ -91,23 +113,8 @@ def test_prefill_and_greedy_decode_match_transformers(family, checkpoints):
     ours, _ = load_decoder(path)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     torch.manual_seed(0)
-    B = 2
-    prompt = torch.randint(0, ours.cfg.vocab_size, (B, PROMPT_LEN))
-    k, v = ours.new_cache(B, MAX_LEN)
-    zeros = torch.zeros(ours.cfg.num_layers, B, 2)
-    worst, pos = 0.0, PROMPT_LEN
-    with torch.no_grad():
-        out = ours(prompt, torch.arange(PROMPT_LEN)[None].expand(B, -1), k, v, zeros)
-        expected, cache = _hf_step(ref, prompt, None)
-        for step in range(STEPS + 1):
-            worst = max(worst, rel_err(out.logits, expected))
-            if step == STEPS:
-                break
-            nxt = out.logits.argmax(-1)
-            assert torch.equal(nxt, expected.argmax(-1)), f"greedy token differs at step {step}"
-            out = ours(nxt[:, None], torch.full((B, 1), pos), out.k_caches, out.v_caches, zeros)
-            expected, cache = _hf_step(ref, nxt[:, None], cache)
-            pos += 1
+    prompt = torch.randint(0, ours.cfg.vocab_size, (2, PROMPT_LEN))
+    worst = _greedy_parity(ours, ref, prompt, MAX_LEN)
     assert worst <= 1e-4, f"{family}: worst logits relative error {worst:.2e}"
 
 
@@ -236,21 +243,7 @@ def test_real_gemma3_270m_matches_transformers():
     ours, _ = load_decoder(path)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     ids = torch.tensor([load_tokenizer(path)("The capital of France is").input_ids])
-    P = ids.shape[1]
-    k, v = ours.new_cache(1, P + STEPS)
-    zeros = torch.zeros(ours.cfg.num_layers, 1, 2)
-    worst = 0.0
-    with torch.no_grad():
-        out = ours(ids, torch.arange(P)[None], k, v, zeros)
-        expected, cache = _hf_step(ref, ids, None)
-        for step in range(STEPS + 1):
-            worst = max(worst, rel_err(out.logits, expected))
-            if step == STEPS:
-                break
-            nxt = out.logits.argmax(-1)
-            assert torch.equal(nxt, expected.argmax(-1)), f"greedy token differs at step {step}"
-            out = ours(nxt[:, None], torch.full((1, 1), P + step), out.k_caches, out.v_caches, zeros)
-            expected, cache = _hf_step(ref, nxt[:, None], cache)
+    worst = _greedy_parity(ours, ref, ids)
     assert worst <= 1e-4, f"worst logits relative error {worst:.2e}"
 
 
