@@ -178,3 +178,35 @@ def test_models_list_cli_runs():
 
     assert main(["models", "list"]) == 0
     assert main(["models", "get", "no-such-model"]) == 2
+
+
+def test_a_given_gguf_is_checked_converted_and_left_in_place(toy, tmp_path, monkeypatch):
+    spec, files = toy
+    monkeypatch.setattr(registry, "install_parts", lambda *a: pytest.fail("--gguf must install nothing"))
+    monkeypatch.setattr(registry, "get_spec", lambda name: spec)
+    given = tmp_path / "elsewhere" / "toy.gguf"
+    given.parent.mkdir()
+    given.write_bytes(b"".join(f.read_bytes() for f in files))
+    path = registry.get_model("toy-model", progress=False, gguf=given)
+    assert (path / "model.safetensors").read_bytes() == given.read_bytes()
+    assert given.is_file() and sorted(p.name for p in given.parent.iterdir()) == ["toy.gguf"]
+    marker = json.loads((path / cache.MARKER).read_text())
+    assert marker["source"]["given_file"] == str(given.resolve()) and marker["source"]["sha256"] == spec.sha256
+
+
+def test_a_given_gguf_of_the_wrong_size_or_hash_is_one_line(toy, tmp_path):
+    spec, files = toy
+    given = tmp_path / "toy.gguf"
+    given.write_bytes(b"GGUF" + b"x" * 10)
+    with pytest.raises(UserError, match="bytes") as err:
+        registry.model_dir(spec, progress=False, gguf=given)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="no such file"):
+        registry.model_dir(spec, progress=False, gguf=tmp_path / "missing.gguf")
+    data = bytearray(b"".join(f.read_bytes() for f in files))
+    data[10] ^= 1
+    given.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256") as err:
+        registry.model_dir(spec, progress=False, gguf=given)
+    assert "--gguf" in str(err.value) and "\n" not in str(err.value)
+    assert given.is_file() and not registry.is_converted(spec)

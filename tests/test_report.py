@@ -136,3 +136,31 @@ def test_report_reads_a_bench_json_written_by_clada_export_bench(tiny_chat_expor
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="not a `clada-export bench` result"):
         report.load_bench([tmp_path / "bad.json"])
+
+
+def test_a_missing_level_is_read_off_another_levels_calibration(tmp_path):
+    """The 1.5B sweep's saved 40% profile: re-deriving 40% gives its saved allocation
+    exactly, and 50% is derived at 50% mean byte sparsity, marked as derived."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from clada_export.evaluation.sweep import _derive_missing_levels
+    from clada_export.profile import SparsityProfile
+
+    src = Path(__file__).parent.parent / "docs/results/qwen2.5-coder-1.5b/calibration/profile-0.40.json"
+    shutil.copy(src, tmp_path / "base.json")
+    made_with = json.loads(src.read_text())["calibration"]["sweep_calibration"]
+    paths = {0.4: tmp_path / "base.json", 0.5: tmp_path / "p50.json"}
+    _derive_missing_levels(paths, made_with)
+    p50 = SparsityProfile.load(paths[0.5])
+    assert p50.mean_byte_sparsity() == pytest.approx(0.5, abs=1e-6)
+    assert p50.calibration["derived_from_level"] == 0.4 and p50.kl is None
+    assert p50.calibration["sweep_calibration"] == made_with
+    again = {0.4: tmp_path / "p40.json", 0.5: paths[0.5]}  # 40% re-derived from the 50% file
+    _derive_missing_levels(again, made_with)
+    base, p40 = SparsityProfile.load(paths[0.4]), SparsityProfile.load(again[0.4])
+    np.testing.assert_allclose(p40.s_in, base.s_in, atol=1e-9)
+    np.testing.assert_allclose(p40.s_mid, base.s_mid, atol=1e-9)

@@ -83,7 +83,7 @@ class SparsityMeter:
             self.count[i, 0] += rows.numel()
             T = rows.shape[1]
             n = min(T, max(1, self.h_rows // B))
-            pick = torch.randperm(T, generator=self.gen)[:n] if n < T else torch.arange(T)
+            pick = torch.randperm(T, generator=self.gen, device="cpu")[:n] if n < T else torch.arange(T)
             _, ah = mlp_activation_magnitudes(rows[:, pick], module.w_gate_t, module.w_up_t, t_in[:, pick],
                                               module.act)
             self.zero[i, 1] += float((ah <= t_mid[:, pick]).sum())

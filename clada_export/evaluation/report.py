@@ -359,8 +359,11 @@ def render(out: Path, meta: dict | None = None, bench: list[Path] | None = None,
                   if summary["tasks"] else "no task run (perplexity only)")
     windows_line = (f"perplexity on {s['ppl_windows']} x {s['ppl_window']} held-out tokens "
                     f"(first {s['prefix']} prefilled dense)" if s["ppl_windows"] else "no perplexity windows")
+    # where each part ran (results older than the device field ran on the CPU)
+    devices = sorted({str(part.get("device", "cpu")) for r in rows
+                      for part in [*r.get("tasks", {}).values(), *([r["perplexity"]] if r.get("perplexity") else [])]})
     meta.setdefault("settings_line", f"{tasks_line}; {windows_line}; calibration {s['calib_tokens']} + "
-                    f"{s['heldout_tokens']} tokens")
+                    f"{s['heldout_tokens']} tokens; timings (s/doc, s/window) on {', '.join(devices) or 'cpu'}")
     add_speed(summary, load_bench(bench, bench_shape) if bench else None)
     plots = _plots(rows, summary, out)
     md = render_markdown(summary, meta) + "\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"

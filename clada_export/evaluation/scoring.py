@@ -123,7 +123,7 @@ def score_continuations(model, method: Method, ctx_ids: list[int], conts: list[l
             rest = None
             if n > 1:
                 thr = np.zeros((L, 2), np.float32) if method.thresholds is None else method.thresholds
-                t = torch.as_tensor(thr)[:, None, :].expand(L, B, 2).contiguous()
+                t = torch.as_tensor(thr, device=cont.device)[:, None, :].expand(L, B, 2).contiguous()
                 pos = (P + torch.arange(n - 1))[None].expand(B, n - 1)
                 with meter if meter is not None else _Null():
                     rest = model(cont[:, :-1], pos, k, v, t, all_logits=True).logits
@@ -157,10 +157,10 @@ def _score_dynamic(model, method: Method, out, first, cont, lens, k, v, meter, t
     for t in range(n - 1):
         entropy, lse = cognitive_signals(logits)
         surprisal = lse - logits.gather(-1, cont[:, t:t + 1])[:, 0]
-        thr = ctl.step(surprisal.cpu().numpy(), entropy.cpu().numpy(), tokens=cont[:, t].numpy(),
-                       active=(lens > t + 1).numpy())
+        thr = ctl.step(surprisal.cpu().numpy(), entropy.cpu().numpy(), tokens=cont[:, t].cpu().numpy(),
+                       active=(lens > t + 1).cpu().numpy())
         with meter if meter is not None else _Null():
-            o = model(cont[:, t:t + 1], torch.full((B, 1), P + t), k, v, torch.as_tensor(thr))
+            o = model(cont[:, t:t + 1], torch.full((B, 1), P + t), k, v, torch.as_tensor(thr, device=cont.device))
         k, v, logits = o.k_caches, o.v_caches, o.logits
         steps.append(logits)
     rest = torch.stack(steps, 1) if steps else None
@@ -220,10 +220,11 @@ def _replay_controller(method: Method, act_stats: np.ndarray, first, rest, cont,
     ctl = ThresholdController(method.profile, method.config, batch=B, trace=sink)
     ctl.begin(act_stats)
     thr = np.empty((ctl.L, B, n - 1, 2), np.float32)
+    cont_np, lens_np = cont.cpu().numpy(), lens.cpu().numpy()  # once, not a device sync per step
     for t in range(upto):
         surprisal, entropy = _signals(_step_logits(first, rest, t), cont[:, t])
-        thr[:, :, t] = ctl.step(surprisal.cpu().numpy(), entropy.cpu().numpy(), tokens=cont[:, t].numpy(),
-                                active=(lens > t + 1).numpy())
+        thr[:, :, t] = ctl.step(surprisal.cpu().numpy(), entropy.cpu().numpy(), tokens=cont_np[:, t],
+                                active=lens_np > t + 1)
     thr[:, :, upto:] = thr[:, :, upto - 1:upto]
     records = []
     if sink is not None:
@@ -239,7 +240,7 @@ def _first_change(new: np.ndarray | list[torch.Tensor], old, axis_t: int, f: int
         diff = (a != b).reshape(end - f, -1).any(1)
     else:
         diff = torch.stack([(torch.movedim(x, axis_t, 0)[f:end] != torch.movedim(y, axis_t, 0)[f:end])
-                            .reshape(end - f, -1).any(1) for x, y in zip(new, old)]).any(0).numpy()
+                            .reshape(end - f, -1).any(1) for x, y in zip(new, old)]).any(0).cpu().numpy()
     idx = np.flatnonzero(diff)
     return f + int(idx[0]) if idx.size else end
 
@@ -270,7 +271,8 @@ def _dynamic_fixed_point(model, method: Method, out, first, cont, lens, k, v, me
         if meter is not None:
             meter.zero, meter.count = saved[0].copy(), saved[1].copy()
         with meter if meter is not None and st["whole"] else _Null():
-            o = model(cont[:, f:end], pos, st["k"], st["v"], torch.from_numpy(np.ascontiguousarray(st["thr"][:, :, f:end])),
+            o = model(cont[:, f:end], pos, st["k"], st["v"], torch.as_tensor(np.ascontiguousarray(st["thr"][:, :, f:end]),
+                                                                    device=cont.device),
                       all_logits=True)
         st["k"], st["v"] = o.k_caches, o.v_caches
         rest[:, f:end] = o.logits
@@ -294,7 +296,7 @@ def _dynamic_fixed_point(model, method: Method, out, first, cont, lens, k, v, me
     if meter is not None and not (passes == 1 and st["whole"]):
         # the realized sparsity of the final thresholds: one metered pass over the window
         with meter:
-            model(cont[:, :-1], (P + torch.arange(n - 1))[None].expand(B, n - 1), k, v, torch.from_numpy(st["thr"]),
+            model(cont[:, :-1], (P + torch.arange(n - 1))[None].expand(B, n - 1), k, v, torch.as_tensor(st["thr"], device=cont.device),
                   all_logits=True)
     lps, greedy, per_tok = _gather(first, rest, cont, lens)
     return Scored(lps, greedy, per_tok, int((lens - 1).clamp(min=0).sum()), trace=st["records"], passes=passes)

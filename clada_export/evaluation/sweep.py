@@ -87,6 +87,11 @@ def _calibration(model, tokenizer, hf_config, settings: SweepSettings, out: Path
             ok = False
         if p.exists() and not ok:
             p.unlink()
+    if teal_path.is_file():  # a lookup that stops short of a level is extended, never extrapolated
+        byte = json.loads(teal_path.read_text())["lookup"]["byte"]
+        if byte[-1] + 1e-9 < max(settings.levels):
+            teal_path.unlink()
+    _derive_missing_levels(paths, made_with)
     need_teal = "teal" in settings.methods and not teal_path.is_file()
     if not all(p.is_file() for p in paths.values()) or need_teal:
         table_w, heldout_w, source = calibration_windows(tokenizer, None, settings.calib_tokens,
@@ -113,6 +118,36 @@ def _calibration(model, tokenizer, hf_config, settings: SweepSettings, out: Path
     profiles = {lv: SparsityProfile.load(p) for lv, p in paths.items()}
     teal = TealLookup.from_dict(json.loads(teal_path.read_text())["lookup"]) if teal_path.is_file() else None
     return profiles, teal
+
+
+def _derive_missing_levels(paths: dict[float, Path], made_with: dict) -> None:
+    """A level's profile read off another level's calibration of the same sweep: the
+    threshold tables and KL model do not depend on the target, only the allocation does
+    (``calibration_from_profile``), so a new level costs an allocation, not a calibration
+    (43 min for the 1.5B model on 2 cores). Its KL is the model's prediction, marked as
+    such: the held-out windows that measure it are not kept."""
+    import dataclasses
+
+    from clada_export.calibrate.allocation import calibration_from_profile
+    from clada_export.profile import SparsityProfile, byte_sparsity
+
+    have = [lv for lv, p in paths.items() if p.is_file()]
+    if not have:
+        return
+    base_level = have[0]
+    base = SparsityProfile.load(paths[base_level])
+    cal = calibration_from_profile(base)
+    if cal is None or base.method != "greedy":
+        return
+    for lv, p in paths.items():
+        if p.is_file():
+            continue
+        s_in, s_mid, _ = cal.allocate(lv, "greedy")
+        info = dict(base.calibration, sweep_calibration=made_with, derived_from_level=base_level,
+                    kl_predicted=float(cal.km.predict(s_in, s_mid)), uniform_kl=None,
+                    kl_note="the KL model's prediction (derived level: no held-out measurement)")
+        dataclasses.replace(base, s_in=s_in, s_mid=s_mid, target_sparsity=float(np.mean(byte_sparsity(s_in, s_mid))),
+                            kl=None, calibration=info).save(p)
 
 
 def build_methods(model, tokenizer, hf_config, settings: SweepSettings, out: Path, progress: bool = True
@@ -251,8 +286,36 @@ def _slim_trace(records: list[dict]) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in records if isinstance(r, dict)]
 
 
-def run_sweep(settings: SweepSettings, out: Path, progress: bool = True) -> list[Path]:
-    """Run (or resume) the sweep into ``out``; returns the result files."""
+def sweep_device(name: str | None) -> torch.device:
+    """The device a sweep scores on: ``cpu`` (default) or ``cuda[:N]``. The model stays
+    in float32 and TF32 is kept off, so a GPU scores the same arithmetic as the CPU, up
+    to the order of float32 sums."""
+    try:
+        dev = torch.device(name or "cpu")
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device takes cpu or cuda[:N], got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); "
+                        "run on a GPU machine with a CUDA build of torch, or use --device cpu")
+    return dev
+
+
+def run_sweep(settings: SweepSettings, out: Path, progress: bool = True, device: str | None = None) -> list[Path]:
+    """Run (or resume) the sweep into ``out`` on ``device`` (:func:`sweep_device`);
+    returns the result files."""
+    dev = sweep_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    # Every tensor the scoring makes (caches, positions, thresholds) is created on the
+    # model's device through the default-device context.
+    with dev:
+        return _run_sweep(settings, out, progress, dev)
+
+
+def _run_sweep(settings: SweepSettings, out: Path, progress: bool, dev: torch.device) -> list[Path]:
     from clada_export.data import evaluation_windows
     from clada_export.model.config import DecoderConfig
     from clada_export.model.loading import load_decoder, load_hf_config, load_tokenizer
@@ -266,9 +329,11 @@ def run_sweep(settings: SweepSettings, out: Path, progress: bool = True) -> list
     out.mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(exist_ok=True)
     t_load = time.perf_counter()
-    model, hf_config = load_decoder(model_dir)
-    model.eval()
+    with torch.device("cpu"):  # the checkpoint is read on the host, then placed on dev
+        model, hf_config = load_decoder(model_dir, device=dev)
     load_s = time.perf_counter() - t_load
+    # timings are only comparable on one device: each result part records where it ran
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     windows = None
     if settings.ppl_windows:
         windows, _ = evaluation_windows(tokenizer, None, settings.ppl_windows * settings.ppl_window,
@@ -283,10 +348,11 @@ def run_sweep(settings: SweepSettings, out: Path, progress: bool = True) -> list
             path = _result_path(out, method)
             res = open_result(path, method, settings, str(model_dir))
             if phase == "perplexity" and res.get("perplexity") is None:
-                res["perplexity"] = run_perplexity(model, method, windows, settings.prefix, progress)
+                res["perplexity"] = dict(run_perplexity(model, method, windows, settings.prefix, progress),
+                                         device=dev_name)
             if phase == "tasks":
                 for t in pending_tasks(res, settings):
-                    res["tasks"][t] = run_task(model, tokenizer, method, items[t], progress)
+                    res["tasks"][t] = dict(run_task(model, tokenizer, method, items[t], progress), device=dev_name)
                     write_json(path, res)  # saved as each task finishes: an interrupted sweep resumes here
             res["complete"] = all(t in res["tasks"] for t in settings.tasks) and (
                 windows is None or res.get("perplexity") is not None)

