@@ -136,3 +136,41 @@ def test_bad_window_arguments_are_user_errors():
         token_windows(WordTokenizer(), "a b c", n_tokens=8, window=16)
     with pytest.raises(UserError, match="at least 1"):
         token_windows(WordTokenizer(), "a b c", n_tokens=8, window=0)
+
+
+class BosWordTokenizer(WordTokenizer):
+    """WordTokenizer whose own encoding starts with BOS (id 0), as Gemma's does."""
+
+    bos_token_id = 0
+
+
+def test_windows_of_a_bos_tokenizer_lead_with_bos_and_keep_the_text_contiguous():
+    text = " ".join("w" * (i % 7 + 1) for i in range(200))
+    ids = WordTokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert data.leading_bos(BosWordTokenizer()) == [0] and data.leading_bos(WordTokenizer()) == []
+    w = token_windows(BosWordTokenizer(), text, n_tokens=48, window=16, start=5)
+    assert tuple(w.shape) == (3, 16) and w[:, 0].tolist() == [0, 0, 0]
+    assert w[:, 1:].flatten().tolist() == ids[5:5 + 45]
+
+
+def test_calibration_windows_put_bos_only_first_and_heldout_right_after(monkeypatch, tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join("w" * (i % 5 + 1) for i in range(2000)))
+    ids = WordTokenizer()(f.read_text(), add_special_tokens=False)["input_ids"]
+    table, held, _ = data.calibration_windows(BosWordTokenizer(), [f], 512, 256)
+    assert tuple(table.shape) == (2, 256) and tuple(held.shape) == (2, 128)
+    for w in (table, held):
+        assert w[:, 0].tolist() == [0] * w.shape[0] and (w[:, 1:] != 0).all()
+    text_ids = [*table[:, 1:].flatten().tolist(), *held[:, 1:].flatten().tolist()]
+    assert text_ids == ids[:len(text_ids)]  # no token skipped or repeated between the two
+    # without BOS: the same plain consecutive slices as before
+    table, held, _ = data.calibration_windows(WordTokenizer(), [f], 512, 256)
+    assert [*table.flatten().tolist(), *held.flatten().tolist()] == ids[:768]
+
+
+def test_task_contexts_of_a_bos_tokenizer_lead_with_bos():
+    from clada_export.evaluation.tasks import encode_pair
+
+    ctx, cont = encode_pair(BosWordTokenizer(), "aa bbb ", "cccc d")
+    assert ctx == [0, 2, 3] and cont == [4, 1]
+    assert encode_pair(WordTokenizer(), "aa bbb ", "cccc d") == ([2, 3], [4, 1])

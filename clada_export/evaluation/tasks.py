@@ -141,7 +141,11 @@ def load_task(name: str, limit: int | None = None, seed: int = DEFAULT_SEED, roo
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: the continuation's tokens are those of ``context + continuation``
-    after the context's own tokens (a trailing space of the context moves over first)."""
+    after the context's own tokens (a trailing space of the context moves over first).
+    The context is led by BOS where the tokenizer puts one first (``data.leading_bos``;
+    lm-eval does so for Gemma)."""
+    from clada_export.data import leading_bos
+
     n_space = len(context) - len(context.rstrip())
     if n_space:
         continuation = context[-n_space:] + continuation
@@ -152,7 +156,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if not ctx:  # an empty context: condition on BOS (or EOS) as lm-eval does
         ctx = [bos if bos is not None else tokenizer.eos_token_id]
         return ctx, whole
-    return ctx, whole[len(ctx):]
+    return leading_bos(tokenizer) + ctx, whole[len(ctx):]
 
 
 def choose(metric: str, logprobs: list[float], greedy: list[bool], continuations: list[str]) -> int | bool:
