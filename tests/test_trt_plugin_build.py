@@ -114,7 +114,7 @@ handle = registry.load_library(sys.argv[2])
 assert handle is not None, "load_library failed"
 creator = registry.get_creator("SparseMLP", "1", "")
 assert creator is not None, "SparseMLP/1 not registered"
-assert [f.name for f in creator.field_names] == ["activation"], creator.field_names
+assert [f.name for f in creator.field_names] == ["activation", "gated"], creator.field_names
 plugin = creator.create_plugin("node", trt.PluginFieldCollection([]), trt.TensorRTPhase.BUILD)
 assert plugin is not None
 registry.deregister_library(handle)

@@ -31,6 +31,9 @@ BUILD_COMMAND = (
     "cmake --build plugins/cpu/build -j"
 )
 ABI_VERSION = 1
+# The activations of the CPU library (clada_cpu_act_t: ACT_CODES without relu, which only the CUDA kernels have)
+CPU_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+assert set(CPU_ACTIVATIONS) <= set(ACT_CODES)
 MAX_ROWS = 8
 ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 _STATUS_INVALID, _STATUS_UNSUPPORTED = 1, 2
@@ -116,8 +119,10 @@ def _row_thresholds(thresholds: torch.Tensor, x: torch.Tensor, rows: int) -> tor
 def check_inputs(x: torch.Tensor, w_gate_t: torch.Tensor, w_up_t: torch.Tensor, w_down_t: torch.Tensor,
                  act: str) -> int:
     """Raise ValueError/TypeError naming the bad argument; return the number of token rows."""
-    if act not in ACT_CODES:
-        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
+    if act not in CPU_ACTIVATIONS:
+        note = " (relu is the CUDA kernels' alone)" if act == "relu" else ""
+        raise ValueError(f"sparse_mlp_cpu does not support activation {act!r}{note}; "
+                         f"supported: {', '.join(CPU_ACTIVATIONS)}")
     if x.dim() < 2:
         raise ValueError(f"x must be [batch, ..., hidden], got shape {list(x.shape)}")
     hidden = x.shape[-1]

@@ -10,6 +10,11 @@ torch custom op ``clada::sparse_mlp_cuda``, so it can be captured in a CUDA grap
 thresholds are read from device memory: update them in place between replays) and seen by
 ``torch.compile``.
 
+``sparse_mlp_plain_cuda(x, w_in_t, b_in, w_out_t, b_out, thresholds, act)`` is the op's plain
+(non-gated) form of GPT-2, OPT, GPT-NeoX style MLPs, ``act(x_s @ w_in_t + b_in)`` thresholded
+by t_mid, then ``@ w_out_t + b_out`` (``clada_export.ops.sparse_mlp``'s plain reference),
+custom op ``clada::sparse_mlp_plain_cuda``; ``act`` may also be ``"relu"`` (OPT), in both forms.
+
 ``decode_attention_cuda(q, k, v, position, k_cache, v_cache, inv_freq, ...)`` is one decode
 step's attention for one new token per sequence (RoPE of q and k, k and v written into the
 static cache at ``position``, grouped-query attention over the visible slots), custom op
@@ -40,14 +45,15 @@ BUILD_COMMAND = (
     "pip install -e . (with nvcc and cmake on PATH: the install builds it into clada_export/lib), or from the "
     "repository root: cmake -S plugins -B plugins/build && cmake --build plugins/build -j"
 )
-ABI_VERSION = 5
+ABI_VERSION = 6  # CLADA_KERNELS_ABI_VERSION (plugins/kernels/sparse_mlp.h)
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
-# clada_act_t of both libraries' C ABIs (plugins/kernels/sparse_mlp.h, plugins/cpu/sparse_mlp_cpu.h)
-ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-assert set(ACT_CODES) == set(ACTIVATIONS)
+# clada_act_t of both libraries' C ABIs (plugins/kernels/sparse_mlp.h, plugins/cpu/sparse_mlp_cpu.h).
+# relu (3) is the CUDA kernels' alone (ABI 6); the CPU library refuses it (ops/cpu_kernel.py).
+ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+assert set(ACTIVATIONS) <= set(ACT_CODES), "an activation of the reference op has no kernel code"
 
 
 class NativeKernelsUnavailable(RuntimeError):
@@ -131,6 +137,7 @@ def load_library() -> ctypes.CDLL:
         lib.clada_sparse_mlp_counted.restype = ctypes.c_int
         # one more pointer, row_counts, before config and stream: the same types, one longer
         lib.clada_sparse_mlp_counted.argtypes = sparse_mlp_args + [ctypes.c_void_p]
+        _declare_plain(lib)
         for name in ("clada_mask_input", "clada_gate_mask"):
             getattr(lib, name).restype = ctypes.c_int
         lib.clada_mask_input.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
@@ -149,6 +156,22 @@ def load_library() -> ctypes.CDLL:
         lib.clada_error_string.argtypes = [ctypes.c_int]
         _lib = lib
         return lib
+
+
+# clada_sparse_mlp_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, y, batch, hidden, inter, dtype, act,
+#                        workspace, workspace_bytes, workspace_is_zeroed, row_counts, config, stream)
+PLAIN_ARGTYPES = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5 + [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+# clada_bias_act_mask(pre, b_in, thresholds, h, batch, inter, dtype, act, stream)
+BIAS_ACT_MASK_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+
+
+def _declare_plain(lib: ctypes.CDLL) -> None:
+    """Signatures of the plain form's entry points (ABI 6; sparse_mlp.h)."""
+    lib.clada_sparse_mlp_plain.restype = ctypes.c_int
+    lib.clada_sparse_mlp_plain.argtypes = PLAIN_ARGTYPES
+    lib.clada_bias_act_mask.restype = ctypes.c_int
+    lib.clada_bias_act_mask.argtypes = BIAS_ACT_MASK_ARGTYPES
 
 
 def is_available() -> bool:
@@ -337,6 +360,160 @@ def sparse_mlp_cuda(
     return sparse_mlp_cuda_op(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
 
 
+# ------------------------------------------------------------------ the plain (non-gated) form
+def _check_act(act: str) -> None:
+    if act not in ACT_CODES:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
+
+
+def check_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, act) -> None:
+    """Raise ValueError/TypeError naming the argument that the plain kernel cannot take (shapes
+    and dtypes first, then the device, so every message can be seen without a GPU)."""
+    _check_act(act)
+    if x.dim() < 2:
+        raise ValueError(f"x must be [batch, ..., hidden], got shape {list(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"sparse_mlp_plain_cuda supports bfloat16 and float16, got x {x.dtype}")
+    hidden = x.shape[-1]
+    if w_in_t.dim() != 2 or w_in_t.shape[0] != hidden:
+        raise ValueError(f"w_in_t must be [hidden={hidden}, inter], got {list(w_in_t.shape)}")
+    inter = w_in_t.shape[1]
+    for name, t, shape in (("w_in_t", w_in_t, (hidden, inter)), ("b_in", b_in, (inter,)),
+                           ("w_out_t", w_out_t, (inter, hidden)), ("b_out", b_out, (hidden,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} (x has hidden={hidden}, w_in_t inter={inter}), "
+                             f"got {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, x has {x.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if hidden % 8 or inter % 8 or hidden > MAX_HIDDEN:
+        raise ValueError(f"hidden and inter must be multiples of 8 and hidden <= {MAX_HIDDEN}; got {hidden}, {inter}")
+    check_thresholds(thresholds, x.shape[0])
+    if x.device.type != "cuda":
+        raise ValueError(f"sparse_mlp_plain_cuda needs CUDA tensors, got x on {x.device}")
+    for name, t in (("w_in_t", w_in_t), ("b_in", b_in), ("w_out_t", w_out_t), ("b_out", b_out),
+                    ("thresholds", thresholds)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def sparse_mlp_plain_cuda_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    w_in_t: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out_t: torch.Tensor,
+    b_out: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str = "gelu_tanh",
+    row_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write the plain op's result for 2-D ``x`` ``[B, hidden]`` (B <= 8) into ``out``
+    ``[B, hidden]``. ``row_counts``: int32 ``[2]`` on the device, or None; the call adds the
+    rows of ``w_in_t`` and of ``w_out_t`` it read (the union over the batch). Arguments are
+    checked by :func:`check_plain` (call it first; this function checks only ``out``, the
+    row count and ``row_counts``)."""
+    lib = load_library()
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [B, hidden] here, got shape {list(x.shape)}")
+    rows, hidden = x.shape
+    inter = w_in_t.shape[1]
+    if not 1 <= rows <= MAX_BATCH:
+        raise ValueError(f"sparse_mlp_plain_cuda handles 1..{MAX_BATCH} rows per call, got {rows}")
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor shaped and typed like x")
+    if row_counts is not None and (row_counts.dtype != torch.int32 or row_counts.numel() != 2
+                                   or not row_counts.is_contiguous() or row_counts.device != x.device):
+        raise ValueError(f"row_counts must be a contiguous int32 [2] tensor on {x.device}")
+    x = x.contiguous()
+    for name, t in (("x", x), ("w_in_t", w_in_t), ("b_in", b_in), ("w_out_t", w_out_t), ("b_out", b_out), ("out", out)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name} must start 16-byte aligned (the kernels' 16-byte loads); it is a view at "
+                             f"offset {t.storage_offset()}: pass a copy (.clone())")
+    thr = thresholds if thresholds.dtype == torch.float32 and thresholds.is_contiguous() else thresholds.float().contiguous()
+    # the gated form's workspace key: one layout serves both forms (calls on one stream are ordered)
+    ws, zeroed = _workspace(x.device, ("sparse_mlp", hidden, inter),
+                            lambda: lib.clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter))
+    status = lib.clada_sparse_mlp_plain(
+        x.data_ptr(), w_in_t.data_ptr(), b_in.data_ptr(), w_out_t.data_ptr(), b_out.data_ptr(), thr.data_ptr(),
+        out.data_ptr(), rows, hidden, inter, _DTYPES[x.dtype], ACT_CODES[act], ws.data_ptr(), ws.numel(),
+        1 if zeroed else 0, None if row_counts is None else row_counts.data_ptr(), ctypes.addressof(_tuning),
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    _check_status("clada_sparse_mlp_plain", status)
+    return out
+
+
+@torch.library.custom_op("clada::sparse_mlp_plain_cuda", mutates_args=(), device_types="cuda")
+def sparse_mlp_plain_cuda_op(
+    x: torch.Tensor,
+    w_in_t: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out_t: torch.Tensor,
+    b_out: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str,
+) -> torch.Tensor:
+    check_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, act)
+    batch, hidden = x.shape[0], x.shape[-1]
+    tokens = x.numel() // (batch * hidden)
+    x2 = x.reshape(batch * tokens, hidden).contiguous()
+    thr = thresholds if tokens == 1 else thresholds.repeat_interleave(tokens, dim=0)
+    out = torch.empty_like(x2)
+    sparse_mlp_plain_cuda_into(out, x2, w_in_t, b_in, w_out_t, b_out, thr, act)
+    return out.reshape(x.shape)
+
+
+@sparse_mlp_plain_cuda_op.register_fake
+def _(x, w_in_t, b_in, w_out_t, b_out, thresholds, act):
+    return x.new_empty((*x.shape[:-1], w_out_t.shape[-1]))
+
+
+@torch.library.custom_op("clada::sparse_mlp_plain_cuda_counted", mutates_args=("row_counts",), device_types="cuda")
+def sparse_mlp_plain_cuda_counted(
+    x: torch.Tensor,
+    w_in_t: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out_t: torch.Tensor,
+    b_out: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str,
+    row_counts: torch.Tensor,
+) -> torch.Tensor:
+    """The plain op for ``x [B, hidden]`` (one token per row, B <= 8) that also adds the weight
+    rows it read to ``row_counts`` (int32 ``[2]``: w_in_t rows, w_out_t rows)."""
+    check_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, act)
+    out = torch.empty_like(x)
+    sparse_mlp_plain_cuda_into(out, x.contiguous(), w_in_t, b_in, w_out_t, b_out, thresholds, act, row_counts)
+    return out
+
+
+@sparse_mlp_plain_cuda_counted.register_fake
+def _(x, w_in_t, b_in, w_out_t, b_out, thresholds, act, row_counts):
+    return torch.empty_like(x)
+
+
+def sparse_mlp_plain_cuda(
+    x: torch.Tensor,
+    w_in_t: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out_t: torch.Tensor,
+    b_out: torch.Tensor,
+    thresholds: torch.Tensor,
+    act: str = "gelu_tanh",
+) -> torch.Tensor:
+    """The plain SparseMLP op on the GPU: ``y = act(x_s @ w_in_t + b_in)_s @ w_out_t + b_out``.
+    ``x``: ``[B, ..., hidden]`` with B * (tokens per row) <= 8; ``w_in_t [hidden, inter]``,
+    ``b_in [inter]``, ``w_out_t [inter, hidden]``, ``b_out [hidden]`` in x's dtype (bf16/fp16);
+    ``thresholds``: ``[B, 2]`` float32 (t_in, t_mid); ``act``: silu, gelu_tanh, gelu or relu.
+    Returns ``[B, ..., hidden]`` in x's dtype. Raises NativeKernelsUnavailable when the
+    library is missing, ValueError/TypeError naming a bad argument."""
+    check_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, act)
+    load_library()  # raise the clear error before touching the dispatcher
+    return sparse_mlp_plain_cuda_op(x, w_in_t, b_in, w_out_t, b_out, thresholds, act)
+
+
 # ------------------------------------------------------------------ the op around dense GEMMs
 def _check_status(name: str, status: int) -> None:
     if status != 0:
@@ -374,8 +551,7 @@ def gate_mask(gate_up: torch.Tensor, thresholds: torch.Tensor, act: str) -> torc
     """``h = act(g) * u``, kept where ``|h| > t_mid``, for ``gate_up [B, 2 * inter]`` (gate
     then up, one GEMM's output): the op's middle between dense GEMMs (one launch)."""
     _check_rows("gate_up", gate_up, thresholds)
-    if act not in ACT_CODES:
-        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
+    _check_act(act)
     inter = gate_up.shape[1] // 2
     if inter % 8:
         raise ValueError(f"gate_up must hold 2 x inter columns with inter a multiple of 8, got {gate_up.shape[1]}")
@@ -389,6 +565,29 @@ def gate_mask(gate_up: torch.Tensor, thresholds: torch.Tensor, act: str) -> torc
 @gate_mask.register_fake
 def _(gate_up, thresholds, act):
     return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.custom_op("clada::bias_act_mask", mutates_args=(), device_types="cuda")
+def bias_act_mask(pre: torch.Tensor, b_in: torch.Tensor | None, thresholds: torch.Tensor, act: str) -> torch.Tensor:
+    """``h = act(pre + b_in)``, kept where ``|h| > t_mid``, for ``pre [B, inter]`` (the
+    ``x_s @ w_in_t`` GEMM's output) and ``b_in [inter]`` or None (the GEMM added it): the
+    plain op's middle between dense GEMMs (one launch)."""
+    _check_rows("pre", pre, thresholds)
+    _check_act(act)
+    if b_in is not None and (tuple(b_in.shape) != (pre.shape[1],) or b_in.dtype != pre.dtype
+                             or b_in.device != pre.device or not b_in.is_contiguous()):
+        raise ValueError(f"b_in must be a contiguous {pre.dtype} [{pre.shape[1]}] tensor on {pre.device}, "
+                         f"got {b_in.dtype} {list(b_in.shape)} on {b_in.device}")
+    out = torch.empty_like(pre)
+    _check_status("clada_bias_act_mask", load_library().clada_bias_act_mask(
+        pre.data_ptr(), None if b_in is None else b_in.data_ptr(), thresholds.data_ptr(), out.data_ptr(),
+        pre.shape[0], pre.shape[1], _DTYPES[pre.dtype], ACT_CODES[act], torch.cuda.current_stream(pre.device).cuda_stream))
+    return out
+
+
+@bias_act_mask.register_fake
+def _(pre, b_in, thresholds, act):
+    return torch.empty_like(pre)
 
 
 # ------------------------------------------------------------------ decode attention

@@ -1,4 +1,7 @@
-// CLADA sparse MLP for decode (batch 1..8): two split-K GEMV kernels.
+// CLADA sparse MLP for decode (batch 1..8): two split-K GEMV kernels, for the gated MLP
+// (y = (act(x_s Wg) * (x_s Wu))_s Wd) and, with kGated = false, the plain one
+// (y = act(x_s W_in + b_in)_s W_out + b_out): one definition of each stage, where the plain
+// form streams one matrix in stage 1 instead of two and adds the biases.
 //
 // Stage 1 (gateup_kernel): grid = (column tiles of `inter`, splits of `hidden`). Each
 //   block loads its slice of x for every batch row, applies the per-row input
@@ -15,6 +18,8 @@
 //   rows) and adds its partial y into acc2[b][hidden] (vector atomics on sm_90). The
 //   last block to finish (a counter in the workspace) converts acc2 to y in the
 //   activation dtype and zeroes acc2 and the counter, so the workspace is zero again.
+// Plain form: stage 1 accumulates x_s W_in only (acc1[b][0][inter]; the up half stays zero);
+//   stage 2 computes h = act(sum + b_in[j]) and the last block adds b_out to y.
 //
 // Thresholds are read from device memory: one CUDA graph serves every threshold.
 //
@@ -43,7 +48,12 @@ constexpr int kS1Cols = kWarp * 8;  // columns of one block tile: 32 lanes x 8 (
 #ifndef CLADA_S1_UNROLL
 #define CLADA_S1_UNROLL 4
 #endif
-constexpr int kS1Unroll = CLADA_S1_UNROLL;  // rows in flight per warp
+// Rows in flight per warp: the gated form loads two matrices per row, the plain one one, so
+// the plain form keeps twice the rows in flight (the same bytes, the same registers).
+template <bool kGated>
+constexpr int s1_unroll() {
+  return kGated ? CLADA_S1_UNROLL : 2 * CLADA_S1_UNROLL;
+}
 constexpr int kS2MaxThreads = 512;
 // Rows of W_down_t in flight per thread: as many as registers allow without spilling.
 template <int BT, int VPT>
@@ -60,6 +70,7 @@ __device__ __forceinline__ unsigned lanemask_lt() {
 
 __device__ __forceinline__ float activation(float g, int act) {
   if (act == CLADA_ACT_SILU) return g / (1.0f + __expf(-g));
+  if (act == CLADA_ACT_RELU) return g > 0.0f ? g : 0.0f;
   if (act == CLADA_ACT_GELU_TANH) {
     const float k = 0.7978845608028654f * (g + 0.044715f * g * g * g);
     return 0.5f * g * (1.0f + tanhf(k));
@@ -98,8 +109,9 @@ __device__ __forceinline__ int compact_slot(bool keep, int* s_cnt, int nwarps, i
 }
 
 // ---------------------------------------------------------------- stage 1
-// acc1 layout: [batch][2][inter] fp32 (gate sums, then up sums), zero on entry.
-template <typename T, int BT>
+// acc1 layout: [batch][2][inter] fp32 (gate sums, then up sums), zero on entry. The plain
+// form (kGated false: wg is W_in_t, wu unused) fills only acc1[b][0][:].
+template <typename T, int BT, bool kGated>
 __global__ void __launch_bounds__(kS1Threads)
     gateup_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
                   const float* __restrict__ thr, float* __restrict__ acc1,
@@ -152,6 +164,7 @@ __global__ void __launch_bounds__(kS1Threads)
   if (n == 0) return;  // nothing to add: the accumulators keep their value
 
   // 2. Stream the needed rows: warp w takes entries w, w+8, ...; lane covers 8 columns.
+  constexpr int kS1Unroll = s1_unroll<kGated>();
   float ag[BT][8], au[BT][8];
 #pragma unroll
   for (int b = 0; b < BT; ++b)
@@ -171,7 +184,7 @@ __global__ void __launch_bounds__(kS1Threads)
       if (eq < n && col_ok) {
         const size_t row = (size_t)s_idx[eq] * I;
         g[q] = ld_weights(pg + row);
-        u[q] = ld_weights(pu + row);
+        if constexpr (kGated) u[q] = ld_weights(pu + row);
       }
     }
 #pragma unroll
@@ -180,14 +193,14 @@ __global__ void __launch_bounds__(kS1Threads)
       if (eq < n) {
         float fg[8], fu[8];
         unpack8<T>(g[q], fg);
-        unpack8<T>(u[q], fu);
+        if constexpr (kGated) unpack8<T>(u[q], fu);
 #pragma unroll
         for (int b = 0; b < BT; ++b) {
           const float xs = s_xs[eq * BT + b];
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
             ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
-            au[b][c] = fmaf(xs, fu[c], au[b][c]);
+            if constexpr (kGated) au[b][c] = fmaf(xs, fu[c], au[b][c]);
           }
         }
       }
@@ -203,19 +216,21 @@ __global__ void __launch_bounds__(kS1Threads)
     float4* dst_u = reinterpret_cast<float4*>(s_red + (warp * 2 + 1) * kS1Cols + lane * 8);
     dst_g[0] = make_float4(ag[b][0], ag[b][1], ag[b][2], ag[b][3]);
     dst_g[1] = make_float4(ag[b][4], ag[b][5], ag[b][6], ag[b][7]);
-    dst_u[0] = make_float4(au[b][0], au[b][1], au[b][2], au[b][3]);
-    dst_u[1] = make_float4(au[b][4], au[b][5], au[b][6], au[b][7]);
+    if constexpr (kGated) {
+      dst_u[0] = make_float4(au[b][0], au[b][1], au[b][2], au[b][3]);
+      dst_u[1] = make_float4(au[b][4], au[b][5], au[b][6], au[b][7]);
+    }
     __syncthreads();
     float sg = 0.0f, su = 0.0f;
 #pragma unroll
     for (int w = 0; w < kS1Warps; ++w) {
       sg += s_red[(w * 2 + 0) * kS1Cols + tid];
-      su += s_red[(w * 2 + 1) * kS1Cols + tid];
+      if constexpr (kGated) su += s_red[(w * 2 + 1) * kS1Cols + tid];
     }
     const int c = col0 + tid;
     if (c < I) {
       atomicAdd(acc1 + ((size_t)b * 2 + 0) * I + c, sg);
-      atomicAdd(acc1 + ((size_t)b * 2 + 1) * I + c, su);
+      if constexpr (kGated) atomicAdd(acc1 + ((size_t)b * 2 + 1) * I + c, su);
     }
     __syncthreads();
   }
@@ -223,11 +238,14 @@ __global__ void __launch_bounds__(kS1Threads)
 
 // ---------------------------------------------------------------- stage 2
 // acc2 layout: [batch][hidden] fp32, zero on entry. counter: zero on entry.
-template <typename T, int BT, int VPT>
+// The plain form (kGated false): h = act(acc1[b][0][j] + b_in[j]), y = acc2 + b_out; the
+// gated form ignores b_in and b_out (null).
+template <typename T, int BT, int VPT, bool kGated>
 __global__ void __launch_bounds__(kS2MaxThreads)
     down_kernel(float* __restrict__ acc1, const T* __restrict__ wd, const float* __restrict__ thr,
                 float* __restrict__ acc2, unsigned* __restrict__ counter, T* __restrict__ y,
-                unsigned* __restrict__ row_counts, int B, int H, int I, int jc, int act) {
+                unsigned* __restrict__ row_counts, int B, int H, int I, int jc, int act,
+                const T* __restrict__ b_in, const T* __restrict__ b_out) {
   constexpr int kS2Unroll = s2_unroll<BT, VPT>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* s_hs = reinterpret_cast<float*>(smem_raw);              // [jc][BT]
@@ -242,23 +260,34 @@ __global__ void __launch_bounds__(kS2MaxThreads)
 #pragma unroll
   for (int b = 0; b < BT; ++b) s_tmid[b] = (b < B) ? __ldg(thr + 2 * b + 1) : __int_as_float(0x7f800000);
 
-  // 1. h = act(g) * u from the finished stage-1 sums, mid threshold, compaction. This
-  //    block is the only reader of acc1[:, :, j0:j1], so it zeroes them for the next call.
+  // 1. h = act(g) * u (plain: act(g + b_in)) from the finished stage-1 sums, mid threshold,
+  //    compaction. This block is the only reader of acc1[:, :, j0:j1], so it zeroes them
+  //    for the next call.
   int n = 0;
   for (int r0 = j0; r0 < j1; r0 += nthreads) {
     const int j = r0 + tid;
     float hv[BT];
     bool any = false;
+    float bias = 0.0f;
+    if constexpr (!kGated) {
+      if (j < j1) bias = to_float(b_in[j]);
+    }
 #pragma unroll
     for (int b = 0; b < BT; ++b) {
       hv[b] = 0.0f;
       if (b < B && j < j1) {
         float* pg = acc1 + ((size_t)b * 2 + 0) * I + j;
-        float* pu = acc1 + ((size_t)b * 2 + 1) * I + j;
-        const float g = __ldcg(pg), u = __ldcg(pu);
+        const float g = __ldcg(pg);
         __stcg(pg, 0.0f);
-        __stcg(pu, 0.0f);
-        const float h = activation(g, act) * u;
+        float h;
+        if constexpr (kGated) {
+          float* pu = acc1 + ((size_t)b * 2 + 1) * I + j;
+          const float u = __ldcg(pu);
+          __stcg(pu, 0.0f);
+          h = activation(g, act) * u;
+        } else {
+          h = activation(g + bias, act);
+        }
         if (fabsf(h) > s_tmid[b]) {
           hv[b] = h;
           any = true;
@@ -344,8 +373,18 @@ __global__ void __launch_bounds__(kS2MaxThreads)
   const int total4 = (B * H) / 4;
   for (int k = tid; k < total4; k += nthreads) {
     float4* p = reinterpret_cast<float4*>(acc2) + k;
-    const float4 s = __ldcg(p);
+    float4 s = __ldcg(p);
     __stcg(p, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    if constexpr (!kGated) {
+      // H is a multiple of 8: the 4 values lie in one row, at columns c..c+3 (8-byte aligned).
+      const int c = (k * 4) % H;
+      const uint2 bv = __ldg(reinterpret_cast<const uint2*>(b_out + c));
+      const T* bt = reinterpret_cast<const T*>(&bv);
+      s.x += to_float(bt[0]);
+      s.y += to_float(bt[1]);
+      s.z += to_float(bt[2]);
+      s.w += to_float(bt[3]);
+    }
     uint2 o;
     o.x = pack2<T>(s.x, s.y);
     o.y = pack2<T>(s.z, s.w);
@@ -374,20 +413,28 @@ __global__ void mask_input_kernel(const T* __restrict__ x, const float* __restri
   }
 }
 
-template <typename T>
-__global__ void gate_mask_kernel(const T* __restrict__ gu, const float* __restrict__ thr, T* __restrict__ h,
-                                 int inter, int act) {
+// kGated: gu [B, 2 * inter] (gate, then up), h = act(g) * u. Plain: gu [B, inter] (x_s W_in),
+// h = act(g + b_in) (b_in [inter] or null when the GEMM added it).
+template <typename T, bool kGated>
+__global__ void gate_mask_kernel(const T* __restrict__ gu, const T* __restrict__ b_in, const float* __restrict__ thr,
+                                 T* __restrict__ h, int inter, int act) {
   const int b = blockIdx.y;
   const float t = __ldg(thr + 2 * b + 1);
-  const T* g = gu + (size_t)b * 2 * inter;
+  const T* g = gu + (size_t)b * (kGated ? 2 : 1) * inter;
   const T* u = g + inter;
   for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * 8; i < inter; i += gridDim.x * blockDim.x * 8) {
     float fg[8], fu[8];
     unpack8<T>(*reinterpret_cast<const uint4*>(g + i), fg);
-    unpack8<T>(*reinterpret_cast<const uint4*>(u + i), fu);
+    if constexpr (kGated) {
+      unpack8<T>(*reinterpret_cast<const uint4*>(u + i), fu);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) fu[c] = 0.0f;
+      if (b_in != nullptr) unpack8<T>(*reinterpret_cast<const uint4*>(b_in + i), fu);
+    }
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      const float v = activation(fg[c], act) * fu[c];
+      const float v = kGated ? activation(fg[c], act) * fu[c] : activation(fg[c] + fu[c], act);
       fg[c] = fabsf(v) > t ? v : 0.0f;
     }
     *reinterpret_cast<uint4*>(h + (size_t)b * inter + i) = clada::pack8<T>(fg);
@@ -419,20 +466,34 @@ int sm_count() {
   return sms;
 }
 
-template <typename T, int BT, int VPT>
-int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, const float* thr,
-                 void* y, int B, int H, int I, int act, char* ws, unsigned* row_counts,
-                 const clada_sparse_mlp_config* cfg, cudaStream_t stream) {
+// One call's arguments, gated or plain: w1/w2 are W_gate_t/W_up_t (gated) or W_in_t/null
+// (plain), wd is W_down_t or W_out_t; b_in/b_out are the plain form's biases (null when gated).
+struct Call {
+  const void *x, *w1, *w2, *wd, *b_in, *b_out;
+  const float* thr;
+  void* y;
+  int B, H, I, act;
+  char* ws;
+  unsigned* row_counts;
+  const clada_sparse_mlp_config* cfg;
+  cudaStream_t stream;
+};
+
+template <typename T, int BT, int VPT, bool kGated>
+int launch_typed(const Call& a) {
+  const int B = a.B, H = a.H, I = a.I;
+  const clada_sparse_mlp_config* cfg = a.cfg;
   const WorkspaceLayout l = layout(B, H, I);
-  float* acc1 = reinterpret_cast<float*>(ws + l.acc1);
-  float* acc2 = reinterpret_cast<float*>(ws + l.acc2);
-  unsigned* counter = reinterpret_cast<unsigned*>(ws + l.counter);
+  float* acc1 = reinterpret_cast<float*>(a.ws + l.acc1);
+  float* acc2 = reinterpret_cast<float*>(a.ws + l.acc2);
+  unsigned* counter = reinterpret_cast<unsigned*>(a.ws + l.counter);
   const int sms = sm_count();
 
   // Stage 1 launch shape: 128 x BT rows of hidden per block. Every block adds its
   // [B, 2, 256] partial with atomics, so the atomic count is splits x B x 2 x inter:
   // this keeps it at ~32 x 2 x inter whatever B, and gives B=1 many small blocks (measured
-  // best on H100: 32 splits for B=1, 8 for B=4 on Llama-3-8B).
+  // best on H100: 32 splits for B=1, 8 for B=4 on Llama-3-8B). The plain form uses the same
+  // shape (half the atomics, one matrix).
   const int ntiles = cdiv(I, kS1Cols);
   const size_t red_bytes = (size_t)kS1Warps * 2 * kS1Cols * sizeof(float);
   const int kc_cap = (int)((kSmemCap - red_bytes) / ((BT + 1) * sizeof(float))) / 32 * 32;
@@ -460,30 +521,72 @@ int launch_typed(const void* x, const void* wg, const void* wu, const void* wd, 
   const int nblocks2 = cdiv(I, jc);
   const size_t smem2 = (size_t)jc * (BT + 1) * sizeof(float);
 
-  gateup_kernel<T, BT><<<dim3(ntiles, splits), kS1Threads, smem1, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(wg), static_cast<const T*>(wu), thr, acc1,
-      row_counts, B, H, I, kc);
+  gateup_kernel<T, BT, kGated><<<dim3(ntiles, splits), kS1Threads, smem1, a.stream>>>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.w1), static_cast<const T*>(a.w2), a.thr, acc1,
+      a.row_counts, B, H, I, kc);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return (int)err;
-  down_kernel<T, BT, VPT><<<nblocks2, threads2, smem2, stream>>>(
-      acc1, static_cast<const T*>(wd), thr, acc2, counter, static_cast<T*>(y), row_counts, B, H, I, jc, act);
+  down_kernel<T, BT, VPT, kGated><<<nblocks2, threads2, smem2, a.stream>>>(
+      acc1, static_cast<const T*>(a.wd), a.thr, acc2, counter, static_cast<T*>(a.y), a.row_counts, B, H, I, jc,
+      a.act, static_cast<const T*>(a.b_in), static_cast<const T*>(a.b_out));
   return (int)cudaGetLastError();
 }
 
-template <typename T>
-int launch_dtype(const void* x, const void* wg, const void* wu, const void* wd, const float* thr,
-                 void* y, int B, int H, int I, int act, char* ws, unsigned* row_counts,
-                 const clada_sparse_mlp_config* cfg, cudaStream_t stream) {
-  const bool two = (H / 8) > kS2MaxThreads;  // 16 columns per thread in stage 2
-  unsigned* rc = row_counts;
-#define CLADA_LAUNCH(BT)                                                                      \
-  return two ? launch_typed<T, BT, 2>(x, wg, wu, wd, thr, y, B, H, I, act, ws, rc, cfg, stream) \
-             : launch_typed<T, BT, 1>(x, wg, wu, wd, thr, y, B, H, I, act, ws, rc, cfg, stream)
-  if (B <= 1) CLADA_LAUNCH(1);
-  if (B <= 2) CLADA_LAUNCH(2);
-  if (B <= 4) CLADA_LAUNCH(4);
+template <typename T, bool kGated>
+int launch_dtype(const Call& a) {
+  const bool two = (a.H / 8) > kS2MaxThreads;  // 16 columns per thread in stage 2
+#define CLADA_LAUNCH(BT) \
+  return two ? launch_typed<T, BT, 2, kGated>(a) : launch_typed<T, BT, 1, kGated>(a)
+  if (a.B <= 1) CLADA_LAUNCH(1);
+  if (a.B <= 2) CLADA_LAUNCH(2);
+  if (a.B <= 4) CLADA_LAUNCH(4);
   CLADA_LAUNCH(8);
 #undef CLADA_LAUNCH
+}
+
+bool valid_act(int act) { return act >= CLADA_ACT_SILU && act <= CLADA_ACT_RELU; }
+
+// The checks and the launch shared by both forms (sparse_mlp.h: the argument rules).
+template <bool kGated>
+int run(const Call& a, int dtype, size_t workspace_bytes, int workspace_is_zeroed) {
+  if (a.B < 1 || a.B > CLADA_SPARSE_MLP_MAX_BATCH) return (int)cudaErrorInvalidValue;
+  if (a.H < 8 || a.I < 8 || a.H % 8 != 0 || a.I % 8 != 0) return (int)cudaErrorInvalidValue;
+  if (a.H > CLADA_SPARSE_MLP_MAX_HIDDEN) return (int)cudaErrorNotSupported;
+  if (!valid_act(a.act)) return (int)cudaErrorInvalidValue;
+  if (a.cfg && a.cfg->flags != 0) return (int)cudaErrorInvalidValue;  // no flag is defined (ABI 4)
+  if (!a.x || !a.w1 || !a.wd || !a.thr || !a.y || !a.ws) return (int)cudaErrorInvalidValue;
+  if (!aligned16(a.x) || !aligned16(a.w1) || !aligned16(a.wd) || !aligned16(a.y) || !aligned16(a.ws))
+    return (int)cudaErrorInvalidValue;
+  if (kGated ? (!a.w2 || !aligned16(a.w2))
+             : (!a.b_in || !a.b_out || !aligned16(a.b_in) || !aligned16(a.b_out)))
+    return (int)cudaErrorInvalidValue;
+  const size_t need = layout(a.B, a.H, a.I).total;
+  const cudaError_t ws_err = clada::prepare_workspace(a.ws, workspace_bytes, need, workspace_is_zeroed, a.stream);
+  if (ws_err != cudaSuccess) return (int)ws_err;
+  if (dtype == CLADA_DTYPE_BF16) return launch_dtype<__nv_bfloat16, kGated>(a);
+  if (dtype == CLADA_DTYPE_F16) return launch_dtype<__half, kGated>(a);
+  return (int)cudaErrorInvalidValue;
+}
+
+template <bool kGated>
+int launch_mid_mask(const void* pre, const void* b_in, const float* thresholds, void* h, int batch, int inter,
+                    int dtype, int act, cudaStream_t stream) {
+  if (batch < 1 || inter < 8 || inter % 8 != 0 || !pre || !thresholds || !h || !aligned16(pre) || !aligned16(h) ||
+      (b_in && !aligned16(b_in)) || !valid_act(act))
+    return (int)cudaErrorInvalidValue;
+  const dim3 grid(min(cdiv(inter, 8 * 256), 64), batch);
+  if (dtype == CLADA_DTYPE_BF16) {
+    using T = __nv_bfloat16;
+    gate_mask_kernel<T, kGated><<<grid, 256, 0, stream>>>(static_cast<const T*>(pre), static_cast<const T*>(b_in),
+                                                          thresholds, static_cast<T*>(h), inter, act);
+  } else if (dtype == CLADA_DTYPE_F16) {
+    using T = __half;
+    gate_mask_kernel<T, kGated><<<grid, 256, 0, stream>>>(static_cast<const T*>(pre), static_cast<const T*>(b_in),
+                                                          thresholds, static_cast<T*>(h), inter, act);
+  } else {
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
 }
 
 }  // namespace
@@ -509,28 +612,18 @@ int clada_sparse_mlp_counted(const void* x, const void* w_gate_t, const void* w_
                              const float* thresholds, void* y, int batch, int hidden, int inter, int dtype,
                              int act, void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
                              unsigned* row_counts, const clada_sparse_mlp_config* config, cudaStream_t stream) {
-  if (batch < 1 || batch > CLADA_SPARSE_MLP_MAX_BATCH) return (int)cudaErrorInvalidValue;
-  if (hidden < 8 || inter < 8 || hidden % 8 != 0 || inter % 8 != 0)
-    return (int)cudaErrorInvalidValue;
-  if (hidden > CLADA_SPARSE_MLP_MAX_HIDDEN) return (int)cudaErrorNotSupported;
-  if (act < CLADA_ACT_SILU || act > CLADA_ACT_GELU) return (int)cudaErrorInvalidValue;
-  if (config && config->flags != 0) return (int)cudaErrorInvalidValue;  // no flag is defined (ABI 4)
-  if (!x || !w_gate_t || !w_up_t || !w_down_t || !thresholds || !y || !workspace)
-    return (int)cudaErrorInvalidValue;
-  if (!aligned16(x) || !aligned16(w_gate_t) || !aligned16(w_up_t) || !aligned16(w_down_t) ||
-      !aligned16(y) || !aligned16(workspace))
-    return (int)cudaErrorInvalidValue;
-  const size_t need = layout(batch, hidden, inter).total;
-  const cudaError_t ws_err = clada::prepare_workspace(workspace, workspace_bytes, need, workspace_is_zeroed, stream);
-  if (ws_err != cudaSuccess) return (int)ws_err;
-  char* ws = static_cast<char*>(workspace);
-  if (dtype == CLADA_DTYPE_BF16)
-    return launch_dtype<__nv_bfloat16>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden,
-                                       inter, act, ws, row_counts, config, stream);
-  if (dtype == CLADA_DTYPE_F16)
-    return launch_dtype<__half>(x, w_gate_t, w_up_t, w_down_t, thresholds, y, batch, hidden, inter,
-                                act, ws, row_counts, config, stream);
-  return (int)cudaErrorInvalidValue;
+  const Call a{x, w_gate_t, w_up_t, w_down_t, nullptr, nullptr, thresholds, y, batch, hidden, inter, act,
+               static_cast<char*>(workspace), row_counts, config, stream};
+  return run<true>(a, dtype, workspace_bytes, workspace_is_zeroed);
+}
+
+int clada_sparse_mlp_plain(const void* x, const void* w_in_t, const void* b_in, const void* w_out_t,
+                           const void* b_out, const float* thresholds, void* y, int batch, int hidden, int inter,
+                           int dtype, int act, void* workspace, size_t workspace_bytes, int workspace_is_zeroed,
+                           unsigned* row_counts, const clada_sparse_mlp_config* config, cudaStream_t stream) {
+  const Call a{x, w_in_t, nullptr, w_out_t, b_in, b_out, thresholds, y, batch, hidden, inter, act,
+               static_cast<char*>(workspace), row_counts, config, stream};
+  return run<false>(a, dtype, workspace_bytes, workspace_is_zeroed);
 }
 
 int clada_mask_input(const void* x, const float* thresholds, void* y, int batch, int n, int dtype,
@@ -551,19 +644,12 @@ int clada_mask_input(const void* x, const float* thresholds, void* y, int batch,
 
 int clada_gate_mask(const void* gate_up, const float* thresholds, void* h, int batch, int inter, int dtype, int act,
                     cudaStream_t stream) {
-  if (batch < 1 || inter < 8 || inter % 8 != 0 || !gate_up || !thresholds || !h || !aligned16(gate_up) ||
-      !aligned16(h) || act < CLADA_ACT_SILU || act > CLADA_ACT_GELU)
-    return (int)cudaErrorInvalidValue;
-  const dim3 grid(min(cdiv(inter, 8 * 256), 64), batch);
-  if (dtype == CLADA_DTYPE_BF16)
-    gate_mask_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(gate_up),
-                                                              thresholds, static_cast<__nv_bfloat16*>(h), inter, act);
-  else if (dtype == CLADA_DTYPE_F16)
-    gate_mask_kernel<__half><<<grid, 256, 0, stream>>>(static_cast<const __half*>(gate_up), thresholds,
-                                                       static_cast<__half*>(h), inter, act);
-  else
-    return (int)cudaErrorInvalidValue;
-  return (int)cudaGetLastError();
+  return launch_mid_mask<true>(gate_up, nullptr, thresholds, h, batch, inter, dtype, act, stream);
+}
+
+int clada_bias_act_mask(const void* pre, const void* b_in, const float* thresholds, void* h, int batch, int inter,
+                        int dtype, int act, cudaStream_t stream) {
+  return launch_mid_mask<false>(pre, b_in, thresholds, h, batch, inter, dtype, act, stream);
 }
 
 const char* clada_error_string(int status) { return cudaGetErrorString((cudaError_t)status); }

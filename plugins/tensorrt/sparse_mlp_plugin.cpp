@@ -42,7 +42,10 @@ constexpr ActivationName kActivations[] = {
     {CLADA_ACT_SILU, "silu"},
     {CLADA_ACT_GELU_TANH, "gelu_tanh"},
     {CLADA_ACT_GELU, "gelu"},
+    {CLADA_ACT_RELU, "relu"},
 };
+
+constexpr char kActivationNames[] = "silu, gelu_tanh, gelu, relu";
 
 char const* activationName(int32_t value)
 {
@@ -164,13 +167,17 @@ void logMessage(ILogger::Severity severity, std::string const& message) noexcept
 
 // ================================================================== SparseMLPPlugin
 
-SparseMLPPlugin::SparseMLPPlugin(int32_t activation)
+SparseMLPPlugin::SparseMLPPlugin(int32_t activation, bool gated)
     : mActivation(activation)
+    , mGated(gated)
+    , mGatedField(gated ? 1 : 0)
 {
     char const* name = activationName(activation);
     mActivationName = name ? name : "silu";
-    mTimingCacheId = std::string(kSparseMLPPluginName) + "/" + kSparseMLPPluginVersion + "/" + mActivationName;
-    mMetadata = std::string("activation=") + mActivationName;
+    // The gated form keeps the identifiers it had before the plain form existed.
+    mTimingCacheId = std::string(kSparseMLPPluginName) + "/" + kSparseMLPPluginVersion + "/" + mActivationName
+        + (gated ? "" : "/plain");
+    mMetadata = std::string("activation=") + mActivationName + (gated ? "" : ",gated=0");
     initFieldsToSerialize();
 }
 
@@ -180,6 +187,8 @@ SparseMLPPlugin::SparseMLPPlugin(SparseMLPPlugin const& other)
     , IPluginV3OneBuild(other)
     , IPluginV3OneRuntime(other)
     , mActivation(other.mActivation)
+    , mGated(other.mGated)
+    , mGatedField(other.mGatedField)
     , mActivationName(other.mActivationName)
     , mTimingCacheId(other.mTimingCacheId)
     , mMetadata(other.mMetadata)
@@ -194,6 +203,7 @@ void SparseMLPPlugin::initFieldsToSerialize()
     // The string with its terminator, as the ONNX parser passes string attributes.
     mFieldsToSerialize.emplace_back(kActivationField, mActivationName.c_str(), PluginFieldType::kCHAR,
         static_cast<int32_t>(mActivationName.size() + 1));
+    mFieldsToSerialize.emplace_back(kGatedField, &mGatedField, PluginFieldType::kINT32, 1);
     mFCToSerialize.nbFields = static_cast<int32_t>(mFieldsToSerialize.size());
     mFCToSerialize.fields = mFieldsToSerialize.data();
 }
@@ -247,29 +257,53 @@ int32_t SparseMLPPlugin::configurePlugin(
 {
     // Shapes the kernels cannot take fail here, at build time, with a message naming them,
     // rather than at the first enqueue. Weight shapes are static (initializers).
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    if (nbInputs != this->nbInputs() || nbOutputs != kNbOutputs)
     {
-        logError("expects 5 inputs (x, w_gate_t, w_up_t, w_down_t, thresholds) and 1 output");
+        logError(mGated ? "expects 5 inputs (x, w_gate_t, w_up_t, w_down_t, thresholds) and 1 output (the plain "
+                          "form, attribute gated=0, takes 6: x, w_in_t, b_in, w_out_t, b_out, thresholds)"
+                        : "gated=0 expects 6 inputs (x, w_in_t, b_in, w_out_t, b_out, thresholds) and 1 output");
         return -1;
     }
     Dims const& x = in[kX].desc.dims;
-    Dims const& wg = in[kWGate].desc.dims;
-    Dims const& wu = in[kWUp].desc.dims;
-    Dims const& wd = in[kWDown].desc.dims;
-    Dims const& thr = in[kThresholds].desc.dims;
+    Dims const& w1 = in[1].desc.dims; // w_gate_t or w_in_t: [H, I]
+    Dims const& thr = in[thresholdsIndex()].desc.dims;
     std::ostringstream shapes;
-    shapes << "x " << dimsToString(x) << ", w_gate_t " << dimsToString(wg) << ", w_up_t " << dimsToString(wu)
-           << ", w_down_t " << dimsToString(wd) << ", thresholds " << dimsToString(thr);
-    if (x.nbDims < 2 || wg.nbDims != 2 || wu.nbDims != 2 || wd.nbDims != 2 || thr.nbDims != 2)
+    bool wellFormed = x.nbDims >= 2 && w1.nbDims == 2 && thr.nbDims == 2;
+    int64_t const hidden = w1.nbDims == 2 ? w1.d[0] : -1;
+    int64_t const inter = w1.nbDims == 2 ? w1.d[1] : -1;
+    bool consistent = hidden > 0 && inter > 0 && x.nbDims >= 1 && (x.d[x.nbDims - 1] < 0 || x.d[x.nbDims - 1] == hidden)
+        && (thr.nbDims < 2 || thr.d[1] < 0 || thr.d[1] == 2);
+    if (mGated)
     {
-        logError("expects x [..., H], w_gate_t [H, I], w_up_t [H, I], w_down_t [I, H], thresholds [B, 2]; got "
+        Dims const& wu = in[kWUp].desc.dims;
+        Dims const& wd = in[kWDown].desc.dims;
+        shapes << "x " << dimsToString(x) << ", w_gate_t " << dimsToString(w1) << ", w_up_t " << dimsToString(wu)
+               << ", w_down_t " << dimsToString(wd) << ", thresholds " << dimsToString(thr);
+        wellFormed = wellFormed && wu.nbDims == 2 && wd.nbDims == 2;
+        consistent = consistent && wellFormed && wu.d[0] == hidden && wu.d[1] == inter && wd.d[0] == inter
+            && wd.d[1] == hidden;
+    }
+    else
+    {
+        Dims const& bIn = in[kBIn].desc.dims;
+        Dims const& wOut = in[kWOut].desc.dims;
+        Dims const& bOut = in[kBOut].desc.dims;
+        shapes << "x " << dimsToString(x) << ", w_in_t " << dimsToString(w1) << ", b_in " << dimsToString(bIn)
+               << ", w_out_t " << dimsToString(wOut) << ", b_out " << dimsToString(bOut) << ", thresholds "
+               << dimsToString(thr);
+        wellFormed = wellFormed && bIn.nbDims == 1 && wOut.nbDims == 2 && bOut.nbDims == 1;
+        consistent = consistent && wellFormed && bIn.d[0] == inter && wOut.d[0] == inter && wOut.d[1] == hidden
+            && bOut.d[0] == hidden;
+    }
+    if (!wellFormed)
+    {
+        logError(std::string(mGated
+                     ? "expects x [..., H], w_gate_t [H, I], w_up_t [H, I], w_down_t [I, H], thresholds [B, 2]; got "
+                     : "gated=0 expects x [..., H], w_in_t [H, I], b_in [I], w_out_t [I, H], b_out [H], "
+                       "thresholds [B, 2]; got ")
             + shapes.str());
         return -1;
     }
-    int64_t const hidden = wg.d[0];
-    int64_t const inter = wg.d[1];
-    bool const consistent = hidden > 0 && inter > 0 && wu.d[0] == hidden && wu.d[1] == inter && wd.d[0] == inter
-        && wd.d[1] == hidden && (x.d[x.nbDims - 1] < 0 || x.d[x.nbDims - 1] == hidden) && (thr.d[1] < 0 || thr.d[1] == 2);
     if (!consistent)
     {
         logError("inconsistent shapes: " + shapes.str());
@@ -290,7 +324,7 @@ int32_t SparseMLPPlugin::configurePlugin(
 int32_t SparseMLPPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    if (nbOutputs != kNbOutputs || nbInputs != kNbInputs)
+    if (nbOutputs != kNbOutputs || nbInputs != this->nbInputs())
     {
         return -1;
     }
@@ -309,12 +343,14 @@ int32_t SparseMLPPlugin::getOutputDataTypes(
 int32_t SparseMLPPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
     int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& /*exprBuilder*/) noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || inputs[kX].nbDims < 2 || inputs[kThresholds].nbDims != 2)
+    if (nbInputs != this->nbInputs() || nbOutputs != kNbOutputs || inputs[kX].nbDims < 2
+        || inputs[thresholdsIndex()].nbDims != 2)
     {
-        logError("expects x [..., H] and thresholds [B, 2]");
+        logError(std::string("expects x [..., H] and thresholds [B, 2] as input ") + std::to_string(thresholdsIndex())
+            + " (" + std::to_string(this->nbInputs()) + " inputs for gated=" + (mGated ? "1" : "0") + ")");
         return -1;
     }
-    // y has x's shape: [B, T, H] in, [B, T, H] out (w_down_t is [I, H]).
+    // y has x's shape: [B, T, H] in, [B, T, H] out (w_down_t / w_out_t is [I, H]).
     outputs[0] = inputs[kX];
     return 0;
 }
@@ -322,7 +358,8 @@ int32_t SparseMLPPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInpu
 bool SparseMLPPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || pos < 0 || pos >= kNbInputs + kNbOutputs)
+    int32_t const n = this->nbInputs();
+    if (nbInputs != n || nbOutputs != kNbOutputs || pos < 0 || pos >= n + kNbOutputs)
     {
         return false;
     }
@@ -331,26 +368,27 @@ bool SparseMLPPlugin::supportsFormatCombination(
     {
         return false; // row-major, contiguous: what the kernels index
     }
-    switch (pos)
+    if (pos == kX)
     {
-    case kX: return isHalfType(desc.type); // float16 or bfloat16
-    case kWGate:
-    case kWUp:
-    case kWDown: return desc.type == inOut[kX].desc.type; // the kernels take one element type
-    case kThresholds: return desc.type == DataType::kFLOAT; // (t_in, t_mid) pairs in fp32
-    case kNbInputs: return desc.type == inOut[kX].desc.type; // y: x's type
-    default: return false;
+        return isHalfType(desc.type); // float16 or bfloat16
     }
+    if (pos == thresholdsIndex())
+    {
+        return desc.type == DataType::kFLOAT; // (t_in, t_mid) pairs in fp32
+    }
+    // weights, biases (plain form) and y: the kernels take one element type, x's
+    return desc.type == inOut[kX].desc.type;
 }
 
 size_t SparseMLPPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    if (nbInputs != kNbInputs)
+    if (nbInputs != this->nbInputs())
     {
         return 0;
     }
-    // Sized for the profile's largest x; enough for any smaller one.
+    // Sized for the profile's largest x; enough for any smaller one. Input 1 (w_gate_t or
+    // w_in_t) is [H, I] in both forms.
     int64_t const rows = rowsOf(inputs[kX].max);
     int32_t const hidden = static_cast<int32_t>(inputs[kWGate].max.d[0]);
     int32_t const inter = static_cast<int32_t>(inputs[kWGate].max.d[1]);
@@ -382,7 +420,8 @@ int32_t SparseMLPPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
 {
     Dims const& xDims = inputDesc[kX].dims;
     int64_t const rows = rowsOf(xDims);
-    int64_t const seqs = inputDesc[kThresholds].dims.d[0];
+    int32_t const thrIndex = thresholdsIndex();
+    int64_t const seqs = inputDesc[thrIndex].dims.d[0];
     int32_t const hidden = static_cast<int32_t>(inputDesc[kWGate].dims.d[0]);
     int32_t const inter = static_cast<int32_t>(inputDesc[kWGate].dims.d[1]);
     if (rows == 0)
@@ -392,7 +431,7 @@ int32_t SparseMLPPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
     if (rows < 0 || seqs <= 0 || rows % seqs != 0 || xDims.d[xDims.nbDims - 1] != hidden)
     {
         logError("x " + dimsToString(xDims) + " does not split into thresholds' "
-            + dimsToString(inputDesc[kThresholds].dims) + " sequences of hidden size " + std::to_string(hidden));
+            + dimsToString(inputDesc[thrIndex].dims) + " sequences of hidden size " + std::to_string(hidden));
         return -1;
     }
     DataType const type = inputDesc[kX].type;
@@ -407,7 +446,7 @@ int32_t SparseMLPPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
 
     auto* ws = static_cast<char*>(workspace);
     size_t const kernelWs = kernelWorkspaceBytes(rows, hidden, inter);
-    auto const* thresholds = static_cast<float const*>(inputs[kThresholds]);
+    auto const* thresholds = static_cast<float const*>(inputs[thrIndex]);
     if (tokensPerSeq > 1)
     {
         // The kernels read one (t_in, t_mid) pair per row; x is [B, T, H], so row r belongs to
@@ -433,13 +472,17 @@ int32_t SparseMLPPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
         // TensorRT's workspace is scratch: the first call zero-fills it; every successful call
         // leaves it zero-filled again (sparse_mlp.h), so later chunks skip the memset.
         int32_t const workspaceIsZeroed = r0 > 0 ? 1 : 0;
-        int const status = clada_sparse_mlp(x + r0 * rowBytes, inputs[kWGate], inputs[kWUp], inputs[kWDown],
-            thresholds + 2 * r0, y + r0 * rowBytes, n, hidden, inter, dtype, mActivation, ws, kernelWs,
-            workspaceIsZeroed, /*config=*/nullptr, stream);
+        int const status = mGated
+            ? clada_sparse_mlp(x + r0 * rowBytes, inputs[kWGate], inputs[kWUp], inputs[kWDown], thresholds + 2 * r0,
+                y + r0 * rowBytes, n, hidden, inter, dtype, mActivation, ws, kernelWs, workspaceIsZeroed,
+                /*config=*/nullptr, stream)
+            : clada_sparse_mlp_plain(x + r0 * rowBytes, inputs[kWIn], inputs[kBIn], inputs[kWOut], inputs[kBOut],
+                thresholds + 2 * r0, y + r0 * rowBytes, n, hidden, inter, dtype, mActivation, ws, kernelWs,
+                workspaceIsZeroed, /*row_counts=*/nullptr, /*config=*/nullptr, stream);
         if (status != 0)
         {
             std::ostringstream s;
-            s << "clada_sparse_mlp failed (rows " << r0 << ".." << r0 + n << " of " << rows << ", hidden " << hidden
+            s << (mGated ? "clada_sparse_mlp" : "clada_sparse_mlp_plain") << " failed (rows " << r0 << ".." << r0 + n << " of " << rows << ", hidden " << hidden
               << ", intermediate " << inter << "): " << clada_error_string(status);
             logError(s.str());
             return status;
@@ -463,6 +506,7 @@ PluginFieldCollection const* SparseMLPPlugin::getFieldsToSerialize() noexcept
 SparseMLPPluginCreator::SparseMLPPluginCreator()
 {
     mFieldNames.emplace_back(kActivationField, nullptr, PluginFieldType::kCHAR, 0);
+    mFieldNames.emplace_back(kGatedField, nullptr, PluginFieldType::kINT32, 1);
     mFC.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFC.fields = mFieldNames.data();
 }
@@ -501,11 +545,48 @@ IPluginV3* SparseMLPPluginCreator::createPlugin(
                 + std::to_string(CLADA_KERNELS_ABI_VERSION) + "; build both from the same plugins/ tree");
             return nullptr;
         }
-        int32_t activation = CLADA_ACT_SILU; // the node carries no attribute today: SwiGLU
+        int32_t activation = CLADA_ACT_SILU; // a node without the attribute: SwiGLU
+        bool gated = true;                   // a node without the attribute: the gated form
+        std::string const node = name ? name : "";
         for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
         {
             PluginField const& f = fc->fields[i];
-            if (f.name == nullptr || std::strcmp(f.name, kActivationField) != 0 || f.data == nullptr)
+            if (f.name == nullptr || f.data == nullptr)
+            {
+                continue;
+            }
+            if (std::strcmp(f.name, kGatedField) == 0)
+            {
+                int64_t value = -1;
+                if (f.length != 1)
+                {
+                    value = -1;
+                }
+                else if (f.type == PluginFieldType::kINT32)
+                {
+                    value = *static_cast<int32_t const*>(f.data);
+                }
+                else if (f.type == PluginFieldType::kINT64)
+                {
+                    value = *static_cast<int64_t const*>(f.data);
+                }
+                else if (f.type == PluginFieldType::kINT8)
+                {
+                    value = *static_cast<int8_t const*>(f.data);
+                }
+                else if (f.type == PluginFieldType::kINT16)
+                {
+                    value = *static_cast<int16_t const*>(f.data);
+                }
+                if (value != 0 && value != 1)
+                {
+                    logError("node " + node + ": the gated field must be one integer, 1 (gated MLP) or 0 (plain MLP)");
+                    return nullptr;
+                }
+                gated = value == 1;
+                continue;
+            }
+            if (std::strcmp(f.name, kActivationField) != 0)
             {
                 continue;
             }
@@ -516,8 +597,8 @@ IPluginV3* SparseMLPPluginCreator::createPlugin(
                 activation = activationFromName(value);
                 if (activation < 0)
                 {
-                    logError("node " + std::string(name ? name : "") + ": unknown activation \"" + value
-                        + "\" (supported: silu, gelu_tanh, gelu)");
+                    logError("node " + node + ": unknown activation \"" + value + "\" (supported: " + kActivationNames
+                        + ")");
                     return nullptr;
                 }
             }
@@ -536,7 +617,7 @@ IPluginV3* SparseMLPPluginCreator::createPlugin(
                 return nullptr;
             }
         }
-        return new SparseMLPPlugin(activation);
+        return new SparseMLPPlugin(activation, gated);
     }
     catch (std::exception const& e)
     {

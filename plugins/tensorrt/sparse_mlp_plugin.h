@@ -1,15 +1,24 @@
 /*
  * TensorRT plugin for the ONNX node clada::SparseMLP (version 1): IPluginV3 and its creator.
  *
- * Inputs (ONNX order, which the parser's fallback plugin importer keeps):
+ * Inputs of the gated form (attribute gated = 1, the default; ONNX order, which the parser's
+ * fallback plugin importer keeps):
  *   0 x          [B, T, H] (or any [..., H])  float16 | bfloat16
  *   1 w_gate_t   [H, I]                        same type as x (an initializer: a constant)
  *   2 w_up_t     [H, I]                        same type as x
  *   3 w_down_t   [I, H]                        same type as x
  *   4 thresholds [B, 2] float32                (t_in, t_mid) per sequence
+ * Inputs of the plain form (gated = 0: GPT-2, OPT, GPT-NeoX; y = act(x_s W_in + b_in)_s W_out + b_out):
+ *   0 x          [..., H]
+ *   1 w_in_t     [H, I]                        same type as x
+ *   2 b_in       [I]                           same type as x
+ *   3 w_out_t    [I, H]                        same type as x
+ *   4 b_out      [H]                           same type as x
+ *   5 thresholds [B, 2] float32
  * Output:
  *   0 y          shape and type of x
- * Optional attribute: "activation" (string: silu | gelu_tanh | gelu; default silu).
+ * Optional attributes: "activation" (string: silu | gelu_tanh | gelu | relu; default silu),
+ * "gated" (int: 1 gated, 0 plain; default 1).
  *
  * The math is the project's CUDA kernels (plugins/kernels/sparse_mlp.h), which take at most
  * CLADA_SPARSE_MLP_MAX_BATCH rows per call: the plugin feeds them the B*T rows in chunks, so
@@ -33,8 +42,9 @@ constexpr char kSparseMLPPluginName[] = "SparseMLP";
 constexpr char kSparseMLPPluginVersion[] = "1";
 constexpr char kSparseMLPPluginNamespace[] = "";
 
-//! Plugin field (from the ONNX attribute of the same name, and in serialized engines).
+//! Plugin fields (from the ONNX attributes of the same names, and in serialized engines).
 constexpr char kActivationField[] = "activation";
+constexpr char kGatedField[] = "gated";
 
 class SparseMLPPlugin final : public nvinfer1::IPluginV3,
                               public nvinfer1::IPluginV3OneCore,
@@ -42,7 +52,7 @@ class SparseMLPPlugin final : public nvinfer1::IPluginV3,
                               public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    //! Input positions, in ONNX order.
+    //! Input positions of the gated form, in ONNX order.
     enum Input : int32_t
     {
         kX = 0,
@@ -52,10 +62,20 @@ public:
         kThresholds = 4,
         kNbInputs = 5
     };
+    //! Input positions of the plain form (gated = 0), in ONNX order.
+    enum PlainInput : int32_t
+    {
+        kWIn = 1,
+        kBIn = 2,
+        kWOut = 3,
+        kBOut = 4,
+        kPlainThresholds = 5,
+        kPlainNbInputs = 6
+    };
     static constexpr int32_t kNbOutputs = 1;
 
-    //! activation: a clada_act_t value (CLADA_ACT_SILU, ...).
-    explicit SparseMLPPlugin(int32_t activation);
+    //! activation: a clada_act_t value (CLADA_ACT_SILU, ...); gated: false for the plain form.
+    explicit SparseMLPPlugin(int32_t activation, bool gated = true);
     SparseMLPPlugin(SparseMLPPlugin const& other);
     SparseMLPPlugin& operator=(SparseMLPPlugin const&) = delete;
     ~SparseMLPPlugin() override = default;
@@ -95,8 +115,20 @@ public:
 
 private:
     void initFieldsToSerialize();
+    //! 5 (gated) or 6 (plain).
+    int32_t nbInputs() const noexcept
+    {
+        return mGated ? int32_t{kNbInputs} : int32_t{kPlainNbInputs};
+    }
+    //! Position of the thresholds input: 4 (gated) or 5 (plain).
+    int32_t thresholdsIndex() const noexcept
+    {
+        return mGated ? int32_t{kThresholds} : int32_t{kPlainThresholds};
+    }
 
     int32_t mActivation;
+    bool mGated;
+    int32_t mGatedField; // serialized as the "gated" field (kINT32)
     std::string mActivationName; // serialized as the "activation" field (kCHAR)
     std::string mTimingCacheId;
     std::string mMetadata;
