@@ -12,6 +12,12 @@ from dataclasses import dataclass
 OP_DOMAIN = "clada"
 OP_NAME = "SparseMLP"
 OP_VERSION = 1
+# the SparseMLP node's attributes, and its inputs in order in each form (gated=1, the
+# default: Llama, Qwen, Gemma, Phi-3; gated=0, the plain MLP with biases: GPT-2, OPT, NeoX)
+OP_ACTIVATION_ATTRIBUTE = "activation"  # silu, gelu_tanh, gelu, relu
+OP_GATED_ATTRIBUTE = "gated"
+OP_GATED_INPUTS = ("x", "w_gate_t", "w_up_t", "w_down_t", "thresholds")
+OP_PLAIN_INPUTS = ("x", "w_in_t", "b_in", "w_out_t", "b_out", "thresholds")
 
 PREFILL = "prefill"
 DECODE = "decode"
