@@ -126,8 +126,8 @@ def teal_lookup(model, x_cache: list[torch.Tensor], thresholds_of, max_byte: flo
     with torch.inference_mode():
         for l in tqdm(range(L), desc="teal: block-wise greedy", unit="layer", file=sys.stderr,
                       disable=not progress, leave=False):
-            x = x_cache[l][None].float()
             mlp = model.layers[l].mlp
+            x = x_cache[l][None].float().to(next(mlp.parameters()).device)  # the cache is kept on the host
             ref = mlp(x, torch.zeros(1, 2))
 
             def error_of(a: float, b: float, mlp=mlp, x=x, ref=ref, l=l) -> float:
