@@ -9,7 +9,10 @@ and intermediate sparsity that meets a global target.
 
 Sparsity unit: the fraction of MLP weight bytes skipped. For a gated MLP, W_gate and
 W_up (2/3 of the bytes) are skipped by input sparsity and W_down (1/3) by intermediate
-sparsity, so a layer's byte sparsity is ``(2 * s_in + s_mid) / 3``.
+sparsity, so a layer's byte sparsity is ``(2 * s_in + s_mid) / 3``; for a plain MLP
+(GPT-2, OPT, GPT-NeoX), W1 and W2 are half each: ``(s_in + s_mid) / 2`` (biases are not
+counted). :func:`byte_sparsity` is the one definition; a profile records its form
+(``gated_mlp``).
 """
 
 from __future__ import annotations
@@ -51,9 +54,25 @@ def _levels(f: Fields) -> np.ndarray:
     return levels
 
 
-def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float) -> np.ndarray | float:
-    """Fraction of a gated MLP's weight bytes skipped at input/intermediate sparsity."""
-    return (2.0 * np.asarray(s_in) + np.asarray(s_mid)) / 3.0
+def input_byte_weight(gated: bool = True) -> float:
+    """MLP weight bytes an input channel skips, in units of those an intermediate channel
+    skips: a gated MLP's ``x_i`` skips a row of W_gate and of W_up against one row of W_down
+    for ``h_j`` (2); a plain MLP's a row of W1 against one of W2 (1)."""
+    return 2.0 if gated else 1.0
+
+
+def _bool(f: Fields, d: dict[str, Any], name: str, default: bool) -> bool:
+    value = d.get(name, default)
+    if not isinstance(value, bool):
+        raise f.fail(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def byte_sparsity(s_in: np.ndarray | float, s_mid: np.ndarray | float, gated: bool = True) -> np.ndarray | float:
+    """Fraction of an MLP's weight bytes skipped at input/intermediate sparsity:
+    ``(2 s_in + s_mid) / 3`` gated, ``(s_in + s_mid) / 2`` plain."""
+    w = input_byte_weight(gated)
+    return (w * np.asarray(s_in) + np.asarray(s_mid)) / (w + 1.0)
 
 
 def interp_rows(x: np.ndarray, levels: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -99,7 +118,11 @@ def model_fingerprint(config: dict[str, Any]) -> str:
         "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
         "rms_norm_eps", "rope_theta", "hidden_act", "tie_word_embeddings",
     )
-    canon = json.dumps({k: config.get(k) for k in keys}, sort_keys=True)
+    from clada_export.model.config import hf_dict_value
+
+    # read under the family's own names where it has them (GPT-2's n_embd, ...): the same
+    # value as config.get(k) for every config that uses these names
+    canon = json.dumps({k: hf_dict_value(config, k) for k in keys}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -124,6 +147,7 @@ class SparsityProfile:
     kl: float | None = None
     method: str = "greedy"
     calibration: dict[str, Any] = field(default_factory=dict)
+    gated_mlp: bool = True  # the MLP's form, which weighs s_in against s_mid (byte_sparsity)
 
     def __post_init__(self) -> None:
         # the checks a profile file gets (from_dict), so tables built in code meet them too
@@ -144,7 +168,7 @@ class SparsityProfile:
         return self.thresholds_at(self.s_in, self.s_mid)
 
     def mean_byte_sparsity(self) -> float:
-        return float(np.mean(byte_sparsity(self.s_in, self.s_mid)))
+        return float(np.mean(byte_sparsity(self.s_in, self.s_mid, self.gated_mlp)))
 
     # -- I/O ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +203,7 @@ class SparsityProfile:
             hidden_size=f.int("hidden_size", lo=1), intermediate_size=f.int("intermediate_size", lo=1),
             levels=levels, **arrays, target_sparsity=f.float("target_sparsity", lo=0.0, hi=1.0),
             kl=f.float("kl", default=None, optional=True), method=f.str("method", default="greedy"),
-            calibration=calibration.d,
+            calibration=calibration.d, gated_mlp=_bool(f, d, "gated_mlp", True),
         )
 
     def save(self, path: str | os.PathLike) -> None:

@@ -1,11 +1,13 @@
-"""The families beyond Llama (Gemma 2, Gemma 3, Phi-3) on small random checkpoints made
-here: our decoder against transformers, the export in ONNX Runtime against our decoder,
-calibration end to end, and the one-line refusal of any other model_type."""
+"""The families beyond Llama (Gemma 2, Gemma 3, Phi-3, and the plain-MLP families GPT-2,
+OPT, GPT-NeoX) on small random checkpoints made here: our decoder against transformers,
+the export in ONNX Runtime against our decoder, calibration end to end, and the one-line
+refusal of any other model_type."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,10 +21,13 @@ IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # two layers keep each export to seconds; Gemma's pair is one sliding and one global layer
 SMALL = dict(TINY, num_hidden_layers=2)
 HEAD = dict(SMALL, head_dim=24, **IDS)
+# the plain-MLP families' sizes under their own names
+PLAIN = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+             **IDS)
 
 
 def _configs():
-    from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, OPTConfig, Phi3Config
 
     return {
         # soft-caps small enough that tanh bends the scores and logits of these weights;
@@ -46,15 +51,26 @@ def _configs():
                                         "original_max_position_embeddings": 16,
                                         "short_factor": [1.0 + 0.1 * i for i in range(4)],
                                         "long_factor": [1.0 + 0.9 * i for i in range(4)]}),
+        # Conv1D weights, fused c_attn, learned positions, gelu_new, tied lm_head
+        "gpt2": GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=160, **IDS),
+        # ReLU, learned positions from row 2, biases everywhere
+        "opt": OPTConfig(**PLAIN, ffn_dim=160, word_embed_proj_dim=64),
+        # parallel attention and MLP, rotary on a quarter of each head's channels, untied embed_out
+        "neox": GPTNeoXConfig(**PLAIN, intermediate_size=160, rotary_pct=0.25, use_parallel_residual=True),
+        # the sequential residual, rotary on half the channels
+        "neox-seq": GPTNeoXConfig(**PLAIN, intermediate_size=160, rotary_pct=0.5, use_parallel_residual=False),
     }
 
 
-FAMILIES = ("gemma2", "gemma3", "phi3", "phi3-longrope")
+PLAIN_FAMILIES = ("gpt2", "opt", "neox", "neox-seq")
+FAMILIES = ("gemma2", "gemma3", "phi3", "phi3-longrope", *PLAIN_FAMILIES)
 
 
 def _make(family: str, path: Path) -> Path:
     """A random checkpoint; norm weights drawn too (Gemma's are stored as weight - 1 and
-    initialised to zero, which would hide a missing offset)."""
+    initialised to zero, which would hide a missing offset), and for the plain-MLP families
+    every vector (biases start at zero, which would hide a misplaced one; GPT-2's norms are
+    ``ln_1``...)."""
     from safetensors.torch import load_file, save_file
 
     make_checkpoint(_configs()[family], path)
@@ -62,7 +78,7 @@ def _make(family: str, path: Path) -> Path:
     state = load_file(f)
     g = torch.Generator().manual_seed(1)
     for name, t in state.items():
-        if t.dim() == 1 and "norm" in name:
+        if t.dim() == 1 and ("norm" in name or family in PLAIN_FAMILIES):
             state[name] = t + 0.3 * torch.randn(t.shape, generator=g)
     save_file(state, f, metadata={"format": "pt"})
     return path
@@ -129,6 +145,53 @@ def test_family_features_are_exercised(checkpoints):
     assert phi.sliding_window == 12 and phi.rope_dim == phi.head_dim
     assert long.rope_dim == long.head_dim // 2 == 8 and long.rope_long_after == 16
     assert PROMPT_LEN < 16 < PROMPT_LEN + STEPS  # the longrope switch happens during decode
+    gpt2, opt, neox, seq = (cfgs[f] for f in PLAIN_FAMILIES)
+    assert {c.gated_mlp for c in (gpt2, opt, neox, seq)} == {False} and gpt2.layer_norm and opt.layer_norm
+    assert (gpt2.act, opt.act, neox.act) == ("gelu_tanh", "relu", "gelu")
+    assert gpt2.learned_positions and gpt2.position_offset == 0 and gpt2.tie_word_embeddings and gpt2.rope_dim == 0
+    assert opt.learned_positions and opt.position_offset == 2 and opt.tie_word_embeddings
+    assert neox.parallel_residual and not seq.parallel_residual and not neox.tie_word_embeddings
+    assert (neox.rope_dim, seq.rope_dim) == (neox.head_dim // 4, seq.head_dim // 2) == (4, 8)
+    assert all(c.qkv_bias and c.o_bias for c in (gpt2, opt, neox, seq))
+
+
+@pytest.mark.parametrize("family,prefix", [("gpt2", "transformer."), ("opt", "model.")])
+def test_base_model_checkpoint_names_load(family, prefix, checkpoints, tmp_path):
+    """The original GPT-2 and OPT files were saved from the base model: their tensors have
+    no ``transformer.``/``model.`` prefix, and load the same."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoints[family]
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    state = {k.removeprefix(prefix): v for k, v in load_file(src / "model.safetensors").items()}
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    a, b = load_decoder(src)[0].state_dict(), load_decoder(tmp_path)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", PLAIN_FAMILIES)
+def test_gpu_decode_path_is_told_of_the_plain_layout(family, checkpoints):
+    """The GPU decode path refuses a model whose llama_layout_differences() is not empty:
+    the plain MLP, LayerNorm, learned positions and the parallel residual must be listed."""
+    cfg = load_decoder(checkpoints[family])[0].cfg
+    diffs = set(cfg.llama_layout_differences())
+    assert {"gated_mlp", "layer_norm"} <= diffs
+    assert ("learned_positions" in diffs) == cfg.learned_positions
+    assert ("parallel_residual" in diffs) == cfg.parallel_residual
+
+
+def test_plain_mlp_never_runs_the_gated_cpu_kernel(checkpoints):
+    """The CPU kernel computes the gated form: the torch backend runs a plain-MLP model on
+    the reference op, and asked for the kernel, refuses in one line."""
+    from clada_export.runtime.backends import TorchBackend
+
+    model, _ = load_decoder(checkpoints["opt"])
+    backend = TorchBackend(model)
+    assert backend.mlp == "reference" and "plain" in backend.mlp_note
+    with pytest.raises(ValueError, match="runs gated MLPs; this opt model's MLP is plain"):
+        TorchBackend(model, mlp="cpu-kernel")
 
 
 def test_longrope_switch_is_taken_per_sequence(checkpoints):
@@ -145,10 +208,11 @@ def test_longrope_switch_is_taken_per_sequence(checkpoints):
     assert rel_err(both.logits[1], alone.logits[0]) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "phi3-longrope"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "phi3-longrope", "gpt2", "opt", "neox"])
 def test_onnxruntime_matches_torch(family, checkpoints, tmp_path):
     """The export of each family in ONNX Runtime against our decoder, dense and at
-    45%-quantile thresholds (gelu_tanh in the SparseMLP body for Gemma)."""
+    45%-quantile thresholds (gelu_tanh in the SparseMLP body for Gemma and GPT-2; the
+    plain form, gated=0 with six inputs, for GPT-2, OPT and GPT-NeoX)."""
     import onnx
 
     from clada_export import contract as C
@@ -159,8 +223,11 @@ def test_onnxruntime_matches_torch(family, checkpoints, tmp_path):
     model, hf = load_decoder(checkpoints[family])
     export_onnx(model, hf, tmp_path / "out", model_dir=checkpoints[family])
     graph = onnx.load(str(tmp_path / "out" / "decode.onnx"), load_external_data=False)
-    acts = {a.s.decode() for n in graph.graph.node if n.op_type == C.OP_NAME for a in n.attribute}
-    assert acts == {model.cfg.act}
+    nodes = [n for n in graph.graph.node if n.op_type == C.OP_NAME]
+    acts = {a.s.decode() for n in nodes for a in n.attribute if a.name == "activation"}
+    assert acts == {model.cfg.act} and len(nodes) == model.cfg.num_layers
+    gated = {next((a.i for a in n.attribute if a.name == "gated"), 1) for n in nodes}
+    assert gated == {int(model.cfg.gated_mlp)} and {len(n.input) for n in nodes} == {5 if model.cfg.gated_mlp else 6}
     torch.manual_seed(0)
     B, T = 2, 11
     ids = torch.randint(0, model.cfg.vocab_size, (B, T))
@@ -181,10 +248,11 @@ def test_onnxruntime_matches_torch(family, checkpoints, tmp_path):
             tok = a.logits.argmax(-1)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "gpt2", "opt", "neox"])
 def test_calibration_smoke(family, checkpoints):
     """Tables, error surfaces, KL probes and a greedy 40% profile on random tokens; the
-    profile's thresholds make the model measurably sparser and no more than slightly worse."""
+    profile's thresholds make the model measurably sparser and no more than slightly worse.
+    A plain MLP's byte sparsity weighs s_in and s_mid alike."""
     from clada_export.calibrate.allocation import make_profile, run_calibration
     from clada_export.calibrate.quality import SparsityMeter
 
@@ -194,7 +262,9 @@ def test_calibration_smoke(family, checkpoints):
     heldout = torch.randint(0, 320, (2, 32), generator=g)
     cal = run_calibration(model, windows, heldout, progress=False)
     profile = make_profile(cal, hf, target=0.4, progress=False)
-    assert profile.model_type == hf.model_type
+    assert profile.model_type == hf.model_type and profile.gated_mlp == model.cfg.gated_mlp
+    if not model.cfg.gated_mlp:
+        assert profile.mean_byte_sparsity() == pytest.approx(float(np.mean((profile.s_in + profile.s_mid) / 2)))
     assert abs(profile.mean_byte_sparsity() - 0.4) <= 0.05
     thr = torch.tensor(profile.static_thresholds(), dtype=torch.float32)
     L = model.cfg.num_layers
@@ -208,15 +278,37 @@ def test_calibration_smoke(family, checkpoints):
 
 
 def test_other_model_types_fail_with_one_line(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTJConfig
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    GPTJConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(UserError) as e:
         load_decoder(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg == ("model_type 'gpt2' is not supported; supported architectures: "
-                   "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3")
+    assert msg == ("model_type 'gptj' is not supported; supported architectures: "
+                   "gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, opt, phi3, qwen2, qwen3")
+
+
+def _refusals():
+    from transformers import GPT2Config, OPTConfig
+
+    return [
+        (GPT2Config(scale_attn_by_inverse_layer_idx=True), "gpt2 checkpoints with scale_attn_by_inverse_layer_idx"),
+        (GPT2Config(add_cross_attention=True), "gpt2 checkpoints with add_cross_attention"),
+        (OPTConfig(do_layer_norm_before=False), "opt checkpoints with do_layer_norm_before=false"),
+        (OPTConfig(word_embed_proj_dim=512), "opt checkpoints with word_embed_proj_dim != hidden_size"),
+        (OPTConfig(enable_bias=False), "opt checkpoints with enable_bias=false"),
+    ]
+
+
+def test_unusual_plain_family_options_are_refused_in_one_line():
+    """Options the decoder does not compute are refused, never computed as another model."""
+    from clada_export.model.config import DecoderConfig
+
+    for hf, start in _refusals():
+        with pytest.raises(UserError) as e:
+            DecoderConfig.from_hf(hf)
+        assert str(e.value).startswith(start) and "\n" not in str(e.value)
 
 
 def test_dynamic_rope_is_refused_in_one_line(tmp_path):

@@ -1,7 +1,8 @@
 """Error-controlled allocation of per-layer sparsity (CLADA's offline level).
 
 Goal: per-layer input and intermediate sparsity ``s_in[l]``, ``s_mid[l]`` whose mean
-byte sparsity ``mean_l (2 s_in + s_mid) / 3`` meets a global target with the least
+byte sparsity ``mean_l (2 s_in + s_mid) / 3`` (a plain MLP's: ``(s_in + s_mid) / 2``,
+``profile.byte_sparsity``) meets a global target with the least
 KL divergence of the final next-token distribution against the dense model, measured
 on held-out calibration windows (disjoint from the windows the tables come from).
 
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clada_export.errors import UserError
-from clada_export.profile import byte_sparsity, table_thresholds
+from clada_export.profile import byte_sparsity, input_byte_weight, table_thresholds
 
 PROBE_LEVEL = 0.5
 MAX_JUMP = 3  # grid steps a greedy move may take at once
@@ -150,10 +151,11 @@ def _bilinear(surface: np.ndarray, grid: np.ndarray, a: np.ndarray, b: np.ndarra
 
 
 def best_splits(err: np.ndarray, grid: np.ndarray = SURFACE_GRID, byte_grid: np.ndarray = BYTE_GRID,
-                fine: float = 0.025) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per layer and byte level b: the (s_in, s_mid) with (2 s_in + s_mid) / 3 = b and the
-    least output error. Returns ``s_in [L, B]``, ``s_mid [L, B]``, ``err [L, B]``
-    (error made non-decreasing in b)."""
+                fine: float = 0.025, gated: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer and byte level b: the (s_in, s_mid) with byte sparsity b ((2 s_in + s_mid)
+    / 3 gated, (s_in + s_mid) / 2 plain) and the least output error. Returns ``s_in [L, B]``,
+    ``s_mid [L, B]``, ``err [L, B]`` (error made non-decreasing in b)."""
+    w = input_byte_weight(gated)
     L = err.shape[0]
     top = float(grid[-1])
     cand = np.round(np.arange(0.0, top + 1e-9, fine), 4)
@@ -162,7 +164,7 @@ def best_splits(err: np.ndarray, grid: np.ndarray = SURFACE_GRID, byte_grid: np.
     e = np.zeros_like(s_in)
     for l in range(L):
         for k, b in enumerate(byte_grid):
-            mids = 3.0 * b - 2.0 * cand
+            mids = (w + 1.0) * b - w * cand
             ok = (mids >= -1e-9) & (mids <= top + 1e-9)
             a, m = cand[ok], np.clip(mids[ok], 0.0, top)
             vals = _bilinear(err[l], grid, a, m)
@@ -204,6 +206,7 @@ class KLModel:
     grid: np.ndarray
     err: np.ndarray
     sens: np.ndarray
+    gated: bool = True  # the MLP's form: how s_in and s_mid weigh in byte sparsity
 
     def layer_kl(self, s_in: np.ndarray, s_mid: np.ndarray) -> np.ndarray:
         L = len(self.sens)
@@ -214,11 +217,12 @@ class KLModel:
         return float(self.layer_kl(s_in, s_mid).sum())
 
     def to_dict(self) -> dict:
-        return {"grid": self.grid.tolist(), "err": self.err.tolist(), "sens": self.sens.tolist()}
+        return {"grid": self.grid.tolist(), "err": self.err.tolist(), "sens": self.sens.tolist(),
+                "gated": self.gated}
 
     @classmethod
     def from_dict(cls, d: dict) -> "KLModel":
-        return cls(np.asarray(d["grid"]), np.asarray(d["err"]), np.asarray(d["sens"]))
+        return cls(np.asarray(d["grid"]), np.asarray(d["err"]), np.asarray(d["sens"]), bool(d.get("gated", True)))
 
 
 @dataclass
@@ -262,7 +266,7 @@ def greedy_path(km: KLModel, byte_grid: np.ndarray = BYTE_GRID, max_jump: int = 
     jump of up to ``max_jump`` steps, choosing both thresholds of that layer together (the
     split of least output error for that byte level, :func:`best_splits`); the move taken
     is the one of least predicted KL increase per unit of byte sparsity gained."""
-    split_in, split_mid, err = best_splits(km.err, km.grid, byte_grid)
+    split_in, split_mid, err = best_splits(km.err, km.grid, byte_grid, gated=km.gated)
     curves = km.sens[:, None] * err  # [L, B] predicted KL of each layer at each byte level
     L, nb = curves.shape
     top = nb - 1
@@ -291,7 +295,7 @@ def greedy_path(km: KLModel, byte_grid: np.ndarray = BYTE_GRID, max_jump: int = 
         idx[l] += j
         s_in.append(split_in[rows, idx].copy())
         s_mid.append(split_mid[rows, idx].copy())
-        sp.append(float(np.mean(byte_sparsity(s_in[-1], s_mid[-1]))))
+        sp.append(float(np.mean(byte_sparsity(s_in[-1], s_mid[-1], km.gated))))
         kl.append(cur_kl)
     return GreedyPath(np.array(s_in), np.array(s_mid), np.array(sp), np.array(kl))
 
@@ -394,7 +398,7 @@ def run_calibration(model, table_windows: torch.Tensor, heldout_windows: torch.T
     sens, probe_kl = layer_sensitivities(ref, tables.levels, tables.t_in, tables.t_mid, err_probe,
                                          progress=progress)
     t3 = time.perf_counter()
-    km = KLModel(SURFACE_GRID.copy(), err, sens)
+    km = KLModel(SURFACE_GRID.copy(), err, sens, gated=model.cfg.gated_mlp)
     path = greedy_path(km)
     t4 = time.perf_counter()
     info = {
@@ -415,6 +419,7 @@ def make_profile(cal: Calibration, hf_config, target: float | None = None, error
     byte sparsity (``target`` in (0, 1)) or the most sparsity under ``error_budget``
     (KL, nats). The allocation's KL is measured on the held-out windows, and so is the
     uniform allocation's at the same sparsity (for comparison)."""
+    from clada_export.model.config import hf_dict_value
     from clada_export.profile import SparsityProfile, model_fingerprint
 
     if (target is None) == (error_budget is None):
@@ -428,7 +433,7 @@ def make_profile(cal: Calibration, hf_config, target: float | None = None, error
     else:
         s_in, s_mid, target, kl = cal.allocate_budget(error_budget, method, progress=progress)
     predicted = cal.km.predict(s_in, s_mid)
-    reached = float(np.mean(byte_sparsity(s_in, s_mid)))
+    reached = float(np.mean(byte_sparsity(s_in, s_mid, cal.km.gated)))
     uniform_kl = None
     if method == "greedy" and reached > 0:
         u_in, u_mid = uniform_allocation(len(s_in), reached)
@@ -448,10 +453,10 @@ def make_profile(cal: Calibration, hf_config, target: float | None = None, error
         info.update(extra)
     return SparsityProfile(
         fingerprint=model_fingerprint(cfg), model_type=cfg.get("model_type"),
-        num_layers=int(cfg["num_hidden_layers"]), hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]), levels=cal.levels, t_in=cal.t_in, t_mid=cal.t_mid,
-        calib_mean_abs=cal.calib_mean_abs, target_sparsity=float(reached), s_in=s_in, s_mid=s_mid,
-        kl=float(kl), method=method, calibration=info)
+        num_layers=int(hf_dict_value(cfg, "num_hidden_layers")), hidden_size=int(hf_dict_value(cfg, "hidden_size")),
+        intermediate_size=int(hf_dict_value(cfg, "intermediate_size")), levels=cal.levels, t_in=cal.t_in,
+        t_mid=cal.t_mid, calib_mean_abs=cal.calib_mean_abs, target_sparsity=float(reached), s_in=s_in, s_mid=s_mid,
+        kl=float(kl), method=method, calibration=info, gated_mlp=cal.km.gated)
 
 
 # Each check names what it was given as ``name``: the parameter for library callers, the

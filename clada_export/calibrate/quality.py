@@ -19,8 +19,8 @@ agreement with the dense model.
 
 Realized sparsity is recorded by forward pre-hooks on each layer's MLP that only read
 its arguments (x and the thresholds the op is given): fraction of |x| <= t_in, and of
-|h| <= t_mid where h is computed from the thresholded x (``mlp_activation_magnitudes``,
-on a subset of rows).
+|h| <= t_mid where h is computed from the thresholded x (the MLP module's ``magnitudes``,
+either form, on a subset of rows).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clada_export.model.llama import cognitive_signals
-from clada_export.ops.sparse_mlp import mlp_activation_magnitudes, threshold_columns
+from clada_export.ops.sparse_mlp import threshold_columns
 from clada_export.profile import byte_sparsity
 
 
@@ -84,8 +84,7 @@ class SparsityMeter:
             T = rows.shape[1]
             n = min(T, max(1, self.h_rows // B))
             pick = torch.randperm(T, generator=self.gen, device="cpu")[:n] if n < T else torch.arange(T)
-            _, ah = mlp_activation_magnitudes(rows[:, pick], module.w_gate_t, module.w_up_t, t_in[:, pick],
-                                              module.act)
+            _, ah = module.magnitudes(rows[:, pick], t_in[:, pick])  # either form of the MLP
             self.zero[i, 1] += float((ah <= t_mid[:, pick]).sum())
             self.count[i, 1] += ah.numel()
         return hook
@@ -96,7 +95,7 @@ class SparsityMeter:
 
     def byte_sparsity(self) -> float:
         s = self.per_layer()
-        return float(np.mean(byte_sparsity(s[:, 0], s[:, 1])))
+        return float(np.mean(byte_sparsity(s[:, 0], s[:, 1], self.model.cfg.gated_mlp)))
 
 
 @dataclass

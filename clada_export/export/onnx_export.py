@@ -1,6 +1,7 @@
 """Tracing the decoder into the ``prefill`` and ``decode`` ONNX graphs.
 
-Each MLP becomes one ``clada::SparseMLP`` node. Every graph is written twice:
+Each MLP becomes one ``clada::SparseMLP`` node (gated, or with ``gated=0`` the plain form's
+six inputs). Every graph is written twice:
 ``<graph>.onnx`` carries the op's ONNX function body (ONNX Runtime and any runtime
 without our plugin run it), ``<graph>.plugin.onnx`` has no body, for TensorRT with the
 SparseMLP plugin loaded. All four files share one external weights file.
@@ -27,9 +28,11 @@ from clada_export import contract as C
 from clada_export.atomic import check_replaceable, staging_dir
 from clada_export.errors import UserError
 from clada_export.export.graphs import DecodeGraph, PrefillGraph
+from clada_export.model.config import hf_dict_value
 from clada_export.model.llama import Decoder
 from clada_export.validate import Fields, read_json_object
-from clada_export.ops.onnx_function import ACTIVATION_ATTRIBUTE, sparse_mlp_function_proto, sparse_mlp_translation
+from clada_export.ops.onnx_function import (ACTIVATION_ATTRIBUTE, GATED_ATTRIBUTE, plain_sparse_mlp_translation,
+                                            sparse_mlp_function_proto, sparse_mlp_translation)
 
 MANIFEST_FORMAT = "clada-export"
 MANIFEST_VERSION = 1
@@ -83,17 +86,22 @@ def trace_graph(model: Decoder, graph: str, dtype: torch.dtype = torch.float32) 
             dynamic_shapes=_dynamic_shapes(ins),
             dynamo=True,
             opset_version=18,
-            custom_translation_table={torch.ops.clada.sparse_mlp.default: sparse_mlp_translation},
+            custom_translation_table={torch.ops.clada.sparse_mlp.default: sparse_mlp_translation,
+                                      torch.ops.clada.sparse_mlp_plain.default: plain_sparse_mlp_translation},
             optimize=True,
             verbose=False,
         )
     proto = program.model_proto
-    # one body serves every node, so every node must carry the model's activation
-    acts = {a.s.decode() for node in proto.graph.node if node.domain == C.OP_DOMAIN and node.op_type == C.OP_NAME
-            for a in node.attribute if a.name == ACTIVATION_ATTRIBUTE}
+    # one body serves every node, so every node must carry the model's activation and form
+    nodes = [node for node in proto.graph.node if node.domain == C.OP_DOMAIN and node.op_type == C.OP_NAME]
+    acts = {a.s.decode() for node in nodes for a in node.attribute if a.name == ACTIVATION_ATTRIBUTE}
     if acts != {cfg.act}:
         raise RuntimeError(f"SparseMLP nodes carry activations {sorted(acts)}, the model's is {cfg.act}")
-    proto.functions.append(sparse_mlp_function_proto(cfg.act))
+    gated = {next((a.i for a in node.attribute if a.name == GATED_ATTRIBUTE), 1) for node in nodes}
+    if gated != {int(cfg.gated_mlp)} or {len(node.input) for node in nodes} != {5 if cfg.gated_mlp else 6}:
+        raise RuntimeError(f"SparseMLP nodes carry gated={sorted(gated)}, the model's MLP is "
+                           f"{'gated' if cfg.gated_mlp else 'plain'}")
+    proto.functions.append(sparse_mlp_function_proto(cfg.act, cfg.gated_mlp))
     proto.graph.name = graph
     return proto
 
@@ -303,17 +311,24 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
     cfg = f.obj("config")
     hf = f.obj("hf_config")
     # the decoder config was derived from hf_config at export time: they must still agree
+    # (hf_config's keys read under the family's own names: GPT-2's n_embd, OPT's ffn_dim, ...)
+    def hf_int(key: str) -> int:
+        value = hf_dict_value(hf.d, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise hf.fail(key, f"must be an integer >= 1, got {value!r}")
+        return value
+
     for key, hf_key in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
                         ("intermediate_size", "intermediate_size"), ("num_layers", "num_hidden_layers"),
                         ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
                         ("head_dim", "head_dim"), ("max_position_embeddings", "max_position_embeddings")):
         value = cfg.int(key, lo=1)
         if key == "head_dim":
-            expect = hf.d.get("head_dim") or (hf.int("hidden_size", lo=1) // hf.int("num_attention_heads", lo=1))
+            expect = hf.d.get("head_dim") or (hf_int("hidden_size") // hf_int("num_attention_heads"))
         elif key == "num_kv_heads":
-            expect = hf.d.get("num_key_value_heads") or hf.int("num_attention_heads", lo=1)
+            expect = hf.d.get("num_key_value_heads") or hf_int("num_attention_heads")
         else:
-            expect = hf.int(hf_key, lo=1)
+            expect = hf_int(hf_key)
         if value != expect:
             raise cfg.fail(key, f"is {value} but hf_config.{hf_key} is {expect}")
     graphs = f.obj("graphs")

@@ -2,7 +2,9 @@
 
 One :class:`DecoderConfig` describes every supported family: the Llama layout is the
 default, and each other family (``model/families.py``) sets only the fields in which it
-differs (Gemma's norms, embedding scale and soft-caps; Phi-3's partial rotary and longrope).
+differs (Gemma's norms, embedding scale and soft-caps; Phi-3's partial rotary and longrope;
+GPT-2's, OPT's and GPT-NeoX's LayerNorm, plain MLP with biases, learned positions or
+parallel residual).
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ SUPPORTED_MODEL_TYPES = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "gpt2": None,  # learned positions: no RoPE
+    "opt": None,
+    "gpt_neox": "gpt_neox",
 }
 # transformers' activation names -> the SparseMLP op's (ops/sparse_mlp.py: ACTIVATIONS)
-SUPPORTED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+SUPPORTED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                         "gelu": "gelu", "relu": "relu"}
 # RoPE variants whose frequencies change continuously with the sequence length at run time
 # cannot be baked into a static graph. (longrope switches once, at a fixed length: the
 # graph selects its frequencies from the position input, see model/rope.py.)
@@ -35,6 +41,28 @@ SUPPORTED_ROPE_TYPES = "default, linear, llama3, yarn, longrope"
 
 def supported_list() -> str:
     return ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+
+
+# keys of a config's dict (``to_dict()``, config.json) under their families' names
+_HF_KEYS = {
+    "hidden_size": ("hidden_size", "n_embd"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+    "intermediate_size": ("intermediate_size", "ffn_dim", "n_inner"),
+}
+
+
+def hf_dict_value(d: dict, key: str) -> Any:
+    """``d[key]`` of a transformers config's dict, read under the family's own name where
+    it has one (GPT-2's ``n_embd``, OPT's ``ffn_dim``, ...); GPT-2's FFN width defaults to
+    4 x hidden. None when absent."""
+    for name in _HF_KEYS.get(key, (key,)):
+        if d.get(name) is not None:
+            return d[name]
+    if key == "intermediate_size" and d.get("model_type") == "gpt2" and d.get("n_embd") is not None:
+        return 4 * d["n_embd"]
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,11 @@ class DecoderConfig:
     local_rope: bool = False  # sliding layers have their own RoPE frequencies (Gemma 3)
     rotary_dim: int | None = None  # RoPE on the first rotary_dim channels of a head; None: all (Phi-3 may use fewer)
     rope_long_after: int | None = None  # longrope: long-factor frequencies once a sequence is longer than this
+    layer_norm: bool = False  # LayerNorm with bias instead of RMSNorm (eps: rms_norm_eps) (GPT-2, OPT, GPT-NeoX)
+    gated_mlp: bool = True  # False: the plain MLP act(x W1 + b1) W2 + b2, SparseMLP's plain form (GPT-2, OPT, NeoX)
+    learned_positions: bool = False  # position embeddings added to the token embeddings, no RoPE (GPT-2, OPT)
+    position_offset: int = 0  # the learned position table's row of position p is p + offset (OPT: 2)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX's use_parallel_residual)
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` attends through the sliding window."""
@@ -75,7 +108,8 @@ class DecoderConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.rotary_dim or self.head_dim
+        """Channels of a head that RoPE rotates (0 with learned positions)."""
+        return 0 if self.learned_positions else (self.rotary_dim or self.head_dim)
 
     def llama_layout_differences(self) -> list[str]:
         """The family fields set away from the Llama layout (empty for Llama, Mistral,
@@ -96,7 +130,8 @@ class DecoderConfig:
             raise UserError(
                 f"model_type {model_type!r} is not supported; supported architectures: {supported_list()}"
             )
-        hf_act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+        hf_act = (getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None)
+                  or getattr(hf, "activation_function", None) or "silu")
         act = SUPPORTED_ACTIVATIONS.get(hf_act)
         if act is None:
             raise UserError(f"hidden_act {hf_act!r} is not supported for {model_type}; supported: "
@@ -107,18 +142,21 @@ class DecoderConfig:
             if rope_type in UNSUPPORTED_ROPE_TYPES:
                 raise UserError(f"rope type {rope_type!r} changes with sequence length and cannot be exported; "
                                 f"supported: {SUPPORTED_ROPE_TYPES}")
+        # hidden_size, num_attention_heads, num_hidden_layers and max_position_embeddings
+        # are aliases in every config (GPT-2's n_embd, n_head, ...); the FFN width and the
+        # norm's eps have family names (model/families.py)
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         fields = dict(
             model_type=model_type,
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
+            intermediate_size=getattr(hf, "intermediate_size", None),
             num_layers=hf.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
-            rms_norm_eps=hf.rms_norm_eps,
+            rms_norm_eps=getattr(hf, "rms_norm_eps", None),
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=bool(getattr(hf, "attention_bias", False)),

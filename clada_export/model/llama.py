@@ -1,14 +1,14 @@
 """An export-friendly decoder for every supported family: the Llama layout (Llama 2/3,
 Mistral, Qwen2, Qwen3, SmolLM) and, through the fields a family sets in
 :class:`~clada_export.model.config.DecoderConfig` (``model/families.py``), Gemma 2,
-Gemma 3 and Phi-3.
+Gemma 3, Phi-3, GPT-2, OPT and GPT-NeoX.
 
-In the spirit of gpt-fast's model.py: RMSNorm, RoPE (frequencies from transformers, so
-every rope_scaling variant a config declares is honoured; ``model/rope.py``), grouped-query
-attention over a static, preallocated KV cache written at given positions, and a gated
-MLP that is always the one SparseMLP op. Every step -- prefill of T tokens or decode of
-one -- is the same ``forward``; the graphs in ``clada_export/export`` only fix which
-inputs vary.
+In the spirit of gpt-fast's model.py: RMSNorm (or LayerNorm), RoPE (frequencies from
+transformers, so every rope_scaling variant a config declares is honoured;
+``model/rope.py``) or learned positions, grouped-query attention over a static,
+preallocated KV cache written at given positions, and an MLP that is always the one
+SparseMLP op, gated or plain. Every step -- prefill of T tokens or decode of one -- is
+the same ``forward``; the graphs in ``clada_export/export`` only fix which inputs vary.
 
 Shapes: ``input_ids [B, T]``, ``positions [B, T]`` (RoPE position and cache slot of each
 token), KV cache per layer ``[B, kv_heads, max_len, head_dim]``, ``thresholds [L, B, 2]``.
@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from clada_export.model.config import DecoderConfig
 from clada_export.model.rope import apply_rope, cos_sin, rope_frequencies, rotate_half  # noqa: F401 (re-exported)
-from clada_export.ops.sparse_mlp import gated_intermediate, sparse_mlp_op
+from clada_export.ops.sparse_mlp import (gated_intermediate, keep_above, plain_intermediate, plain_sparse_mlp_op,
+                                         sparse_mlp_op)
 
 # How many of a prompt's last tokens measure the intermediate activation |h| for the
 # sequence-level statistics: |h| needs the gate/up products, which the SparseMLP op keeps
@@ -50,6 +51,13 @@ class RMSNorm(nn.Module):
         if self.offset:
             return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: DecoderConfig, dim: int) -> nn.Module:
+    """The family's norm: LayerNorm with bias (GPT-2, OPT, GPT-NeoX) or RMSNorm."""
+    if cfg.layer_norm:
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -90,7 +98,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: learned positions, added to the embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # Functional cache write (scatter at each token's slot) for export: the graph
         # returns the updated cache, and a runtime may bind input and output to the same
@@ -131,22 +140,52 @@ class SparseMLP(nn.Module):
         """Dense h = act(x Wg) * (x Wu), for activation statistics only."""
         return gated_intermediate(x, self.w_gate_t, self.w_up_t, self.act)
 
+    def magnitudes(self, x: torch.Tensor, t_in: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """|x| and |h|, h computed from x thresholded at ``t_in`` (what the op thresholds)."""
+        return x.abs(), self.intermediate(keep_above(x, t_in)).abs()
+
+
+class PlainSparseMLP(nn.Module):
+    """The plain MLP with biases (GPT-2, OPT, GPT-NeoX) as the SparseMLP op's plain form.
+    Weights in the kernel layout: ``w_in_t [hidden, inter]``, ``w_out_t [inter, hidden]``."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.act = cfg.act
+        self.w_in_t = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size))
+        self.b_in = nn.Parameter(torch.empty(cfg.intermediate_size))
+        self.w_out_t = nn.Parameter(torch.empty(cfg.intermediate_size, cfg.hidden_size))
+        self.b_out = nn.Parameter(torch.empty(cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        return plain_sparse_mlp_op(x, self.w_in_t, self.b_in, self.w_out_t, self.b_out, thresholds, self.act)
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense h = act(x W1 + b1), for activation statistics only."""
+        return plain_intermediate(x, self.w_in_t, self.b_in, self.act)
+
+    def magnitudes(self, x: torch.Tensor, t_in: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """|x| and |h|, h computed from x thresholded at ``t_in`` (what the op thresholds)."""
+        return x.abs(), self.intermediate(keep_above(x, t_in)).abs()
+
 
 class Block(nn.Module):
     """One layer. Module names mirror transformers' so checkpoints load unrenamed; beware
     that ``post_attention_layernorm`` means two things: in the Llama layout it norms the
     MLP's input, in Gemma's (``sandwich_norms``) the attention's output, and
-    ``pre_feedforward_layernorm`` norms the MLP's input (:attr:`mlp_norm` is whichever)."""
+    ``pre_feedforward_layernorm`` norms the MLP's input (:attr:`mlp_norm` is whichever).
+    The plain-MLP families' norms load under these names too (``model/families.py``:
+    GPT-2's ``ln_1``/``ln_2``, OPT's ``self_attn_layer_norm``/``final_layer_norm``)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         if cfg.sandwich_norms:
-            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        self.mlp = SparseMLP(cfg)
+            self.pre_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = SparseMLP(cfg) if cfg.gated_mlp else PlainSparseMLP(cfg)
         self.sandwich_norms = cfg.sandwich_norms
 
     @property
@@ -178,7 +217,9 @@ class StepOutput:
 class Decoder(nn.Module):
     """The decoder. ``inv_freq [rope_dim/2]`` and ``rope_scaling``: RoPE of every layer (or
     of Gemma 3's full-attention layers); ``local_inv_freq``/``local_rope_scaling``: Gemma
-    3's sliding layers'; ``long_inv_freq``: longrope's long table (``model/rope.py``)."""
+    3's sliding layers'; ``long_inv_freq``: longrope's long table (``model/rope.py``).
+    With learned positions (GPT-2, OPT) ``inv_freq`` is empty and unused, and
+    ``embed_positions`` holds the position table."""
 
     def __init__(self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0,
                  local_inv_freq: torch.Tensor | None = None, local_rope_scaling: float = 1.0,
@@ -186,8 +227,10 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.learned_positions:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -226,7 +269,10 @@ class Decoder(nn.Module):
 
     def _rope(self, positions: torch.Tensor, last_index: torch.Tensor, dtype: torch.dtype
               ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-        """``(cos, sin)`` of the full-attention (or every) layer, and of the local layers."""
+        """``(cos, sin)`` of the full-attention (or every) layer, and of the local layers;
+        ``(None, None)`` with learned positions."""
+        if self.cfg.learned_positions:
+            return (None, None), None
         inv_freq = self.inv_freq
         if self.cfg.rope_long_after is not None:
             # longrope: a sequence longer than the original context rotates with the long
@@ -258,6 +304,8 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         if cfg.embed_scale is not None:  # rounded to the weights' dtype, as transformers does
             x = x * torch.tensor(cfg.embed_scale, dtype=torch.float32).to(x.dtype)
+        if cfg.learned_positions:
+            x = x + self.embed_positions(positions + cfg.position_offset if cfg.position_offset else positions)
         if last_index is None:
             last_index = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
         rope_full, rope_local = self._rope(positions, last_index, x.dtype)
@@ -281,14 +329,18 @@ class Decoder(nn.Module):
                                         window_mask if sliding else mask, k_caches[i], v_caches[i])
             new_k.append(kc)
             new_v.append(vc)
-            x = x + layer.attention_out(a)
-            m_in = layer.mlp_norm(x)
+            if cfg.parallel_residual:  # GPT-NeoX: both branches read the block's input
+                m_in = layer.mlp_norm(x)
+            else:
+                x = x + layer.attention_out(a)
+                m_in = layer.mlp_norm(x)
             if with_stats:
                 mean_x = (m_in.abs().mean(-1) * valid).sum(1) / valid.sum(1)
                 x_tail = torch.gather(m_in, 1, tail[:, :, None].expand(B, H_STATS_TOKENS, cfg.hidden_size))
                 mean_h = layer.mlp.intermediate(x_tail).abs().mean(dim=(1, 2))
                 stats.append(torch.stack((mean_x, mean_h), dim=-1))
-            x = x + layer.mlp_out(layer.mlp(m_in, thresholds[i]))
+            y = layer.mlp_out(layer.mlp(m_in, thresholds[i]))
+            x = (y + layer.attention_out(a) + x) if cfg.parallel_residual else (x + y)  # transformers' order of the sum
 
         if not all_logits:
             x = torch.gather(x, 1, last_index[:, None, None].expand(B, 1, cfg.hidden_size))[:, 0]

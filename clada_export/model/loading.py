@@ -1,9 +1,10 @@
 """Loading a Hugging Face checkpoint directory, offline, into our Decoder.
 
-Weights are renamed nowhere: our module names mirror transformers' (``model.`` prefix
-aside), and the MLP's three matrices are transposed once into the kernel layout. A
-family that fuses matrices (Phi-3's ``qkv_proj``, ``gate_up_proj``) has them split first
-(``model/families.py``).
+Our module names mirror transformers' Llama names (``model.`` prefix aside), and the
+MLP's matrices are transposed once into the kernel layout. A family that fuses matrices
+(Phi-3's ``qkv_proj``, ``gate_up_proj``) has them split first, and a family named
+otherwise (GPT-2, OPT, GPT-NeoX) has its tensors renamed onto ours
+(``model/families.py``: ``checkpoint_tensors``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from clada_export.errors import UserError
 from clada_export.model.config import DecoderConfig, supported_list
-from clada_export.model.families import split_fused
+from clada_export.model.families import checkpoint_tensors
 from clada_export.model.llama import Decoder
 from clada_export.model.rope import rope_tables
 
@@ -111,7 +112,8 @@ def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
         model = Decoder(cfg, rope.inv_freq, rope.scaling, rope.local, rope.local_scaling, rope.long)
     state = read_state_dict(model_dir)
     ours: dict[str, torch.Tensor] = {}
-    for name, tensor in (pair for item in state.items() for pair in split_fused(cfg.model_type, hf_config, *item)):
+    pairs = (pair for item in state.items() for pair in checkpoint_tensors(cfg.model_type, hf_config, *item))
+    for name, tensor in pairs:
         key = name.removeprefix("model.")
         parts = key.split(".")
         if len(parts) >= 2 and parts[-2] in _MLP and parts[-1] == "weight":

@@ -39,7 +39,10 @@ def _rotary_class(hf_config: Any):
 
 
 def rope_tables(hf_config: Any) -> RopeTables:
-    """The frequency tables of this checkpoint (see the module docstring)."""
+    """The frequency tables of this checkpoint (see the module docstring); an empty
+    ``inv_freq`` for a family with learned positions (GPT-2, OPT)."""
+    if SUPPORTED_MODEL_TYPES[hf_config.model_type] is None:
+        return RopeTables(torch.zeros(0))
     rotary = _rotary_class(hf_config)(config=hf_config)
     sets = rope_parameter_sets(hf_config)
     if None not in sets:  # one parameter set per layer type (Gemma 3)

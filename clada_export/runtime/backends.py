@@ -88,6 +88,13 @@ class TorchBackend(Backend):
 
         if mlp not in ("auto", "cpu-kernel", "reference"):
             raise ValueError(f"mlp must be auto, cpu-kernel or reference, got {mlp!r}")
+        if not self.model.cfg.gated_mlp:
+            # the CPU kernel computes the gated form only: a plain-MLP model runs the reference op
+            if mlp == "cpu-kernel":
+                raise ValueError(f"the CPU SparseMLP kernel runs gated MLPs; this {self.model.cfg.model_type} model's "
+                                 "MLP is plain (act(x W1 + b1) W2 + b2): use mlp='reference'")
+            return "reference", (None if mlp == "reference" else
+                                 "the CPU SparseMLP kernel runs gated MLPs; this model's MLP is plain")
         if mlp != "auto":
             return mlp, None
         dtype = self.model.layers[0].mlp.w_gate_t.dtype

@@ -37,6 +37,9 @@ class CpuSparseMLP(nn.Module):
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp.intermediate(x)
 
+    def magnitudes(self, x: torch.Tensor, t_in: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mlp.magnitudes(x, t_in)
+
 
 def _shallow(module: nn.Module) -> nn.Module:
     # a new module object with its own submodule table; parameters and buffers are shared
@@ -48,7 +51,9 @@ def _shallow(module: nn.Module) -> nn.Module:
 def with_cpu_mlp(model: Decoder, row_counts: torch.Tensor) -> Decoder:
     """A Decoder sharing ``model``'s weights whose MLPs run the CPU kernel. Raises
     :class:`~clada_export.ops.cpu_kernel.CpuKernelUnavailable` when the library is missing,
-    ValueError for a model the kernel does not run (not float32 on the CPU)."""
+    ValueError for a model the kernel does not run (not float32 on the CPU, or a plain MLP)."""
+    if not model.cfg.gated_mlp:
+        raise ValueError(f"the CPU SparseMLP kernel runs gated MLPs; this {model.cfg.model_type} model's MLP is plain")
     load_library()
     weight = model.layers[0].mlp.w_gate_t
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
