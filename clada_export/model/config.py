@@ -16,7 +16,8 @@ from typing import Any
 from clada_export.errors import UserError
 
 # model_type -> the transformers module whose rotary-embedding class computes RoPE frequencies
-# (so every rope_scaling variant the checkpoint may declare is handled by transformers itself).
+# (so every rope_scaling variant the checkpoint may declare is handled by transformers itself);
+# None for a family with learned positions and no RoPE.
 SUPPORTED_MODEL_TYPES = {
     "llama": "llama",
     "mistral": "mistral",
@@ -137,7 +138,7 @@ class DecoderConfig:
             raise UserError(f"hidden_act {hf_act!r} is not supported for {model_type}; supported: "
                             f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if getattr(hf, "mlp_bias", False):
-            raise UserError("checkpoints with mlp_bias=true are not supported (SparseMLP has no bias)")
+            raise UserError("checkpoints with mlp_bias=true are not supported (the gated SparseMLP has no bias)")
         for rope_type in rope_types(hf):
             if rope_type in UNSUPPORTED_ROPE_TYPES:
                 raise UserError(f"rope type {rope_type!r} changes with sequence length and cannot be exported; "
