@@ -25,12 +25,13 @@ def test_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTJConfig
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    code, _, err = run_cli(capsys, "export", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"))
+    GPTJConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gptj")
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "gptj"), "-o", str(tmp_path / "out"))
     line = one_line_error(err)
-    assert code == 2 and "gpt2" in line and "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3" in line
+    assert code == 2 and "gptj" in line
+    assert "gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, opt, phi3, qwen2, qwen3" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -60,8 +60,9 @@ def test_right_padded_batch_matches_unpadded():
 
 
 def test_unsupported_architecture_names_supported_ones(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTJConfig
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="gpt2.*not supported.*gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+    GPTJConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="gptj.*not supported.*gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, "
+                                       "opt, phi3, qwen2, qwen3"):
         load_decoder(tmp_path)
