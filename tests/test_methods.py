@@ -56,13 +56,13 @@ def test_masked_mlp_all_neurons_equals_the_dense_op_and_masks_slice():
     torch.manual_seed(0)
     H, F = 8, 16
 
-    class Inner(torch.nn.Module):
-        act = "silu"
-        w_gate_t = torch.randn(H, F)
-        w_up_t = torch.randn(H, F)
-        w_down_t = torch.randn(F, H)
+    from types import SimpleNamespace
 
-    inner = Inner()
+    from clada_export.model.llama import SparseMLP
+
+    inner = SparseMLP(SimpleNamespace(act="silu", hidden_size=H, intermediate_size=F))
+    for p in (inner.w_gate_t, inner.w_up_t, inner.w_down_t):
+        p.requires_grad_(False).normal_()
     x = torch.randn(2, 3, H)
     m = MaskedMLP(inner)
     dense = sparse_mlp_reference(x, inner.w_gate_t, inner.w_up_t, inner.w_down_t, torch.zeros(2, 2))
@@ -193,3 +193,32 @@ def test_spearman_of_the_signal_analysis():
     rng = np.random.default_rng(1)
     rho, p = spearman(rng.normal(size=400), rng.normal(size=400))
     assert abs(rho) < 0.15 and p > 0.01
+
+
+def test_teal_moves_gain_one_step_of_the_plain_forms_byte_sparsity():
+    s_in, s_mid, _ = teal_greedy_layer(lambda a, b: a + 2 * b, max_byte=0.2, step=0.025, top=0.9, gated=False)
+    for i in range(1, len(s_in)):
+        assert byte_sparsity(s_in[i], s_mid[i], gated=False) == pytest.approx(0.025 * i)
+    assert s_in[1] == pytest.approx(0.05) and s_mid[1] == 0  # plain: each projection weighs 1
+
+
+def test_masked_mlp_of_a_plain_model_keeps_its_biases(tmp_path):
+    from transformers import GPT2Config
+
+    from conftest import make_checkpoint
+    from clada_export.model.loading import load_decoder
+
+    ckpt = make_checkpoint(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32, n_inner=80),
+                           tmp_path / "gpt2")
+    model, _ = load_decoder(ckpt)
+    inner = model.layers[0].mlp
+    with torch.no_grad():
+        inner.b_in.normal_(0, 0.5)
+        inner.b_out.normal_(0, 0.5)
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    m = MaskedMLP(inner)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x, torch.zeros(2, 2)), inner(x, torch.zeros(2, 2)), rtol=1e-6, atol=1e-6)
+        m.mask = top_k_mask(torch.rand(2, 80, generator=torch.Generator().manual_seed(1)), 40)
+        h = torch.nn.functional.gelu(x @ inner.w_in_t + inner.b_in, approximate="tanh") * m.mask[:, None, :]
+        torch.testing.assert_close(m(x, torch.zeros(2, 2)), h @ inner.w_out_t + inner.b_out, rtol=1e-5, atol=1e-6)

@@ -54,8 +54,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from clada_export.ops.sparse_mlp import gated_intermediate
-from clada_export.profile import byte_sparsity
+from clada_export.profile import byte_sparsity, input_byte_weight
 
 METHOD_NAMES = ("dense", "uniform", "teal", "greedy", "griffin", "clada_ref", "dynamic")
 STATIC_METHODS = ("dense", "uniform", "teal", "greedy")
@@ -90,21 +89,25 @@ class TealLookup:
         return cls(*(np.asarray(d[k], dtype=np.float64) for k in ("byte", "s_in", "s_mid", "error")))
 
 
-def teal_greedy_layer(error_of, max_byte: float, step: float, top: float) -> tuple[list, list, list]:
-    """TEAL's greedy for one block with two "projections": the input (weight 2: it
-    skips W_gate and W_up) and the intermediate (weight 1: W_down). Each move raises one
-    of them so that the byte sparsity ``(2 s_in + s_mid) / 3`` gains ``step`` (TEAL's
-    ``base_step_size / weight``), choosing the one whose output error ``error_of(s_in,
-    s_mid)`` is smaller; a projection at ``top`` is not raised further."""
+def teal_greedy_layer(error_of, max_byte: float, step: float, top: float, gated: bool = True
+                      ) -> tuple[list, list, list]:
+    """TEAL's greedy for one block with two "projections": the input (weight 2 in the
+    gated MLP: it skips W_gate and W_up; 1 in the plain one) and the intermediate (weight
+    1). Each move raises one of them so that the byte sparsity (``profile.byte_sparsity``)
+    gains ``step`` (TEAL's ``base_step_size / weight``), choosing the one whose output
+    error ``error_of(s_in, s_mid)`` is smaller; a projection at ``top`` is not raised
+    further."""
+    w = input_byte_weight(gated)
+    d_in, d_mid = step * (w + 1.0) / w, step * (w + 1.0)
     s_in, s_mid = 0.0, 0.0
     path_in, path_mid, path_err = [0.0], [0.0], [float(error_of(0.0, 0.0))]
     n_moves = int(round(max_byte / step))
     for _ in range(n_moves):
         cands = []
-        if s_in + 1.5 * step <= top + 1e-9:
-            cands.append((s_in + 1.5 * step, s_mid))
-        if s_mid + 3.0 * step <= top + 1e-9:
-            cands.append((s_in, s_mid + 3.0 * step))
+        if s_in + d_in <= top + 1e-9:
+            cands.append((s_in + d_in, s_mid))
+        if s_mid + d_mid <= top + 1e-9:
+            cands.append((s_in, s_mid + d_mid))
         if not cands:
             break
         errs = [float(error_of(a, b)) for a, b in cands]
@@ -134,7 +137,7 @@ def teal_lookup(model, x_cache: list[torch.Tensor], thresholds_of, max_byte: flo
                 t = torch.tensor([thresholds_of(l, a, b)], dtype=torch.float32)
                 return float(torch.linalg.vector_norm(mlp(x, t) - ref, dim=-1).mean())
 
-            a, b, e = teal_greedy_layer(error_of, max_byte, step, top)
+            a, b, e = teal_greedy_layer(error_of, max_byte, step, top, model.cfg.gated_mlp)
             rows_in.append(a)
             rows_mid.append(b)
             rows_err.append(e)
@@ -207,7 +210,7 @@ class MaskedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         m = self.inner
-        h = gated_intermediate(x, m.w_gate_t, m.w_up_t, m.act)
+        h = m.intermediate(x)  # either form of the MLP
         if self.record or self.record_tokens:
             hn = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
             sq = hn.float() ** 2
@@ -219,7 +222,7 @@ class MaskedMLP(nn.Module):
         if self.mask is not None:
             mask = self.mask if self.mask.dim() == 3 else self.mask[:, None, :]
             h = h * mask.to(h.dtype)
-        return h @ m.w_down_t
+        return m.output(h)
 
 
 @contextlib.contextmanager
@@ -298,6 +301,6 @@ def static_method(name: str, level: float | None, thresholds: np.ndarray | None,
                   info=dict(info or {}))
 
 
-def allocation_info(s_in: np.ndarray, s_mid: np.ndarray) -> dict:
+def allocation_info(s_in: np.ndarray, s_mid: np.ndarray, gated: bool = True) -> dict:
     return {"s_in": np.round(s_in, 4).tolist(), "s_mid": np.round(s_mid, 4).tolist(),
-            "calibrated_byte_sparsity": float(np.mean(byte_sparsity(s_in, s_mid)))}
+            "calibrated_byte_sparsity": float(np.mean(byte_sparsity(s_in, s_mid, gated)))}

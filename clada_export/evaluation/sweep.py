@@ -146,7 +146,7 @@ def _derive_missing_levels(paths: dict[float, Path], made_with: dict) -> None:
         info = dict(base.calibration, sweep_calibration=made_with, derived_from_level=base_level,
                     kl_predicted=float(cal.km.predict(s_in, s_mid)), uniform_kl=None,
                     kl_note="the KL model's prediction (derived level: no held-out measurement)")
-        dataclasses.replace(base, s_in=s_in, s_mid=s_mid, target_sparsity=float(np.mean(byte_sparsity(s_in, s_mid))),
+        dataclasses.replace(base, s_in=s_in, s_mid=s_mid, target_sparsity=float(np.mean(byte_sparsity(s_in, s_mid, base.gated_mlp))),
                             kl=None, calibration=info).save(p)
 
 
@@ -170,7 +170,8 @@ def build_methods(model, tokenizer, hf_config, settings: SweepSettings, out: Pat
                     s_in, s_mid = teal.at(lv)
                 else:
                     s_in, s_mid, _ = cal.allocate(lv, name)
-                methods.append(static_method(name, lv, cal.thresholds(s_in, s_mid), allocation_info(s_in, s_mid)))
+                methods.append(static_method(name, lv, cal.thresholds(s_in, s_mid),
+                                             allocation_info(s_in, s_mid, profiles[lv].gated_mlp)))
             elif name in ("griffin", "clada_ref"):
                 info = {"rule": {"window": 10, "percentile": 0.7}} if name == "clada_ref" else {}
                 methods.append(Method(name, lv, name, info=info))

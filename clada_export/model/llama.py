@@ -144,6 +144,10 @@ class SparseMLP(nn.Module):
         """|x| and |h|, h computed from x thresholded at ``t_in`` (what the op thresholds)."""
         return x.abs(), self.intermediate(keep_above(x, t_in)).abs()
 
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """y from an intermediate ``h`` (the neuron-selection methods mask h themselves)."""
+        return h @ self.w_down_t
+
 
 class PlainSparseMLP(nn.Module):
     """The plain MLP with biases (GPT-2, OPT, GPT-NeoX) as the SparseMLP op's plain form.
@@ -167,6 +171,10 @@ class PlainSparseMLP(nn.Module):
     def magnitudes(self, x: torch.Tensor, t_in: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """|x| and |h|, h computed from x thresholded at ``t_in`` (what the op thresholds)."""
         return x.abs(), self.intermediate(keep_above(x, t_in)).abs()
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """y from an intermediate ``h`` (the neuron-selection methods mask h themselves)."""
+        return h @ self.w_out_t + self.b_out
 
 
 class Block(nn.Module):
