@@ -23,7 +23,7 @@ def native():
     return native_controller
 
 
-def random_profile(rng: np.random.Generator, L: int) -> SparsityProfile:
+def random_profile(rng: np.random.Generator, L: int, gated: bool = True) -> SparsityProfile:
     levels = np.round(np.arange(0.0, 0.96, 0.05), 10)
     q = -np.log1p(-levels)
     b_in, b_mid = rng.uniform(0.3, 2.0, L), rng.uniform(0.02, 0.3, L)
@@ -31,7 +31,7 @@ def random_profile(rng: np.random.Generator, L: int) -> SparsityProfile:
         fingerprint="random", model_type="synthetic", num_layers=L, hidden_size=16, intermediate_size=64,
         levels=levels, t_in=b_in[:, None] * q * rng.uniform(0.9, 1.1, (L, 1)), t_mid=b_mid[:, None] * q,
         calib_mean_abs=np.stack([b_in, b_mid], axis=1), target_sparsity=0.5,
-        s_in=rng.uniform(0.3, 0.7, L), s_mid=rng.uniform(0.3, 0.7, L))
+        s_in=rng.uniform(0.3, 0.7, L), s_mid=rng.uniform(0.3, 0.7, L), gated_mlp=gated)
 
 
 def signals(rng: np.random.Generator, T: int, B: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def _key(d):
 def test_native_controller_matches_python_bit_for_bit(native, seed):
     rng = np.random.default_rng(seed)
     L, B, T = int(rng.integers(1, 33)), int(rng.integers(1, 9)), 200
-    prof = random_profile(rng, L)
+    prof = random_profile(rng, L, gated=seed % 4 != 3)  # seeds 3, 7, 11: a plain-MLP profile
     cfg = ControllerConfig()
     if seed % 3 == 1:
         cfg = dataclasses.replace(cfg, window=8, min_history=4, easy_steps=1, payback_steps=4, target=0.45)
@@ -95,3 +95,14 @@ def test_bad_config_is_refused_like_python(native):
 
     with pytest.raises(UserError):
         native.NativeController(prof, ControllerConfig(target=0.99), batch=1)
+
+
+def test_realized_sparsity_weighs_the_input_by_the_mlp_form():
+    rng = np.random.default_rng(0)
+    for gated in (True, False):
+        prof = random_profile(rng, 6, gated=gated)
+        py = ThresholdController(prof, ControllerConfig(), batch=1)
+        ci, cm, realized = py._levels_at(0.0)
+        assert realized == pytest.approx(prof.mean_byte_sparsity(), abs=1e-12)
+        w = 2.0 if gated else 1.0
+        assert realized == pytest.approx(float(np.mean((w * ci + cm) / (w + 1.0))), abs=1e-12)

@@ -45,7 +45,7 @@ BUILD_COMMAND = (
     "pip install -e . (with nvcc and cmake on PATH: the install builds it into clada_export/lib), or from the "
     "repository root: cmake -S plugins -B plugins/build && cmake --build plugins/build -j"
 )
-ABI_VERSION = 6  # CLADA_KERNELS_ABI_VERSION (plugins/kernels/sparse_mlp.h)
+ABI_VERSION = 7  # CLADA_KERNELS_ABI_VERSION (plugins/kernels/sparse_mlp.h)
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 

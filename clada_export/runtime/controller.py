@@ -18,7 +18,8 @@ engine input ``thresholds float32 [L, B, 2]`` (``[..., 0]`` for the MLP input |x
   realized sparsity so that a generation's mean stays at the target.
 
 Sparsity unit: fraction of MLP weight bytes skipped, ``(2 * s_in + s_mid) / 3`` per
-layer, averaged over layers (``clada_export.profile.byte_sparsity``).
+layer for the gated MLP and ``(s_in + s_mid) / 2`` for the plain one, averaged over layers
+(``clada_export.profile.byte_sparsity``).
 
 Determinism: all arithmetic is float64, element-wise numpy operations (exactly
 rounded, like scalar C++) and sums in layer order written as explicit loops, so that
@@ -300,6 +301,9 @@ class ThresholdController:
         self.calib = np.asarray(p.calib_mean_abs, dtype=np.float64)
         self.a_in = np.asarray(p.s_in, dtype=np.float64)
         self.a_mid = np.asarray(p.s_mid, dtype=np.float64)
+        # how s_in weighs against s_mid in byte sparsity (2 gated, 1 plain): exactly 2.0 and
+        # 3.0 in the gated sums, so their rounding is the C++ controller's
+        self.w_in = 2.0 if getattr(p, "gated_mlp", True) else 1.0
         self.lo = float(self.levels[0])
         self.hi = float(self.levels[-1])
 
@@ -504,10 +508,11 @@ class ThresholdController:
     # -- internals ------------------------------------------------------------------
     def _levels_at(self, shift: float) -> tuple[np.ndarray, np.ndarray, float]:
         """Allocation shifted by ``shift`` and clipped to the table's levels, and the
-        realized byte sparsity: mean over layers of (2 * s_in + s_mid) / 3."""
+        realized byte sparsity: mean over layers of (w * s_in + s_mid) / (w + 1), w = 2 for
+        the gated MLP and 1 for the plain one (``profile.byte_sparsity``)."""
         ci = np.minimum(np.maximum(self.a_in + shift, self.lo), self.hi)
         cm = np.minimum(np.maximum(self.a_mid + shift, self.lo), self.hi)
-        per_layer = (2.0 * ci + cm) / 3.0
+        per_layer = (self.w_in * ci + cm) / (self.w_in + 1.0)
         return ci, cm, _seq_mean(per_layer.tolist(), self.L)
 
     def _reset(self, act_stats: np.ndarray | None) -> None:
@@ -606,7 +611,7 @@ class ThresholdController:
         ci = np.minimum(np.maximum(self.a_in + shift, self.lo), self.hi)
         cm = np.minimum(np.maximum(self.a_mid + shift, self.lo), self.hi)
         # sequential sums (cumsum), the order _seq_mean and the C++ controller use
-        realized = np.cumsum((2.0 * ci + cm) / 3.0, axis=1)[:, -1] / self.L
+        realized = np.cumsum((self.w_in * ci + cm) / (self.w_in + 1.0), axis=1)[:, -1] / self.L
         thr = interp_rows(np.stack([ci, cm]), self.levels, self._tables) * self._scale[:, idx, :].transpose(2, 1, 0)
         self._last[:, idx, :] = thr.transpose(2, 1, 0).astype(np.float32)
         means = np.cumsum(thr, axis=2)[:, :, -1] / self.L

@@ -54,7 +54,7 @@ def _library() -> ctypes.CDLL:
         P, D = ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)
         lib.clada_controller_create.restype = P
         lib.clada_controller_create.argtypes = [ctypes.c_int, ctypes.c_int] + [D] * 6 + [
-            ctypes.c_double, ctypes.POINTER(_Config), ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+            ctypes.c_double, ctypes.c_int, ctypes.POINTER(_Config), ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
         lib.clada_controller_destroy.restype = None
         lib.clada_controller_destroy.argtypes = [P]
         lib.clada_controller_targets.restype = ctypes.c_int
@@ -100,7 +100,8 @@ class NativeController:
         err = ctypes.create_string_buffer(512)
         D = ctypes.POINTER(ctypes.c_double)
         handle = lib.clada_controller_create(self.L, len(arrays[0]), *[a.ctypes.data_as(D) for a in arrays],
-                                             float(profile.target_sparsity), ctypes.byref(cfg), self.batch, err,
+                                             float(profile.target_sparsity), int(bool(profile.gated_mlp)),
+                                             ctypes.byref(cfg), self.batch, err,
                                              len(err))
         if not handle:
             raise UserError(f"the C++ controller refused this profile or config: {err.value.decode()}")

@@ -38,7 +38,7 @@ extern "C" {
 
 clada_controller* clada_controller_create(int layers, int num_levels, const double* levels, const double* t_in,
                                           const double* t_mid, const double* calib_mean_abs, const double* s_in,
-                                          const double* s_mid, double target_sparsity,
+                                          const double* s_mid, double target_sparsity, int gated_mlp,
                                           const clada_controller_config* config, int batch, char* error,
                                           size_t error_len) {
   try {
@@ -55,6 +55,7 @@ clada_controller* clada_controller_create(int layers, int num_levels, const doub
     p.s_in.assign(s_in, s_in + L);
     p.s_mid.assign(s_mid, s_mid + L);
     p.target_sparsity = target_sparsity;
+    p.gated_mlp = gated_mlp != 0;
     clada::ControllerConfig c;
     c.window = config->window;
     c.min_history = config->min_history;

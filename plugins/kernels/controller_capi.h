@@ -47,10 +47,12 @@ typedef struct {
   double surprisal, entropy, load, target, realized, debt, t_in_mean, t_mid_mean;
 } clada_controller_record;
 
+/* gated_mlp: the profile's MLP form (nonzero: gated, whose input sparsity weighs 2 in byte
+ * sparsity; 0: plain, weight 1). */
 CLADA_API clada_controller* clada_controller_create(int layers, int num_levels, const double* levels,
                                                     const double* t_in, const double* t_mid,
                                                     const double* calib_mean_abs, const double* s_in,
-                                                    const double* s_mid, double target_sparsity,
+                                                    const double* s_mid, double target_sparsity, int gated_mlp,
                                                     const clada_controller_config* config, int batch, char* error,
                                                     size_t error_len);
 CLADA_API void clada_controller_destroy(clada_controller* c);

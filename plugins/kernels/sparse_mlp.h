@@ -45,8 +45,9 @@ extern "C" {
  * clada_decode_attention, 3 removed CLADA_FLAG_FUSED (2), now an unknown flag, 4 added
  * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask and removed CLADA_FLAG_PDL,
  * 5 added the controller (controller_capi.h), 6 added the plain (non-gated) MLP
- * (clada_sparse_mlp_plain, clada_bias_act_mask) and CLADA_ACT_RELU (both forms). */
-#define CLADA_KERNELS_ABI_VERSION 6
+ * (clada_sparse_mlp_plain, clada_bias_act_mask) and CLADA_ACT_RELU (both forms), 7 added the
+ * profile's MLP form (gated_mlp) to clada_controller_create. */
+#define CLADA_KERNELS_ABI_VERSION 7
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 

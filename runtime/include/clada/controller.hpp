@@ -57,6 +57,10 @@ struct Profile {
   std::vector<double> calib_mean_abs;  // [L, 2]
   std::vector<double> s_in, s_mid;     // [L]
   double target_sparsity = 0.0;
+  // The MLP's form, which weighs s_in against s_mid in byte sparsity (profile.byte_sparsity):
+  // the gated MLP's input skips two matrices, the plain MLP's one.
+  bool gated_mlp = true;
+  double input_weight() const { return gated_mlp ? 2.0 : 1.0; }
 
   void validate() const {
     const std::size_t L = static_cast<std::size_t>(num_layers), S = levels.size();
@@ -292,15 +296,17 @@ class ThresholdController {
 
  private:
   // Allocation shifted by `shift`, clipped to the table's levels; returns the realized
-  // byte sparsity (mean over layers of (2 * s_in + s_mid) / 3, summed in layer order).
+  // byte sparsity (mean over layers of (w * s_in + s_mid) / (w + 1), w = 2 gated and 1
+  // plain, summed in layer order).
   double levels_at(double shift, std::vector<double>& ci, std::vector<double>& cm) const {
     ci.resize(L_);
     cm.resize(L_);
+    const double w = p_.input_weight();
     double acc = 0.0;
     for (int l = 0; l < L_; ++l) {
       ci[l] = std::min(std::max(p_.s_in[l] + shift, lo_), hi_);
       cm[l] = std::min(std::max(p_.s_mid[l] + shift, lo_), hi_);
-      acc += (2.0 * ci[l] + cm[l]) / 3.0;
+      acc += (w * ci[l] + cm[l]) / (w + 1.0);
     }
     return acc / static_cast<double>(L_);
   }

@@ -31,6 +31,11 @@ inline Profile profile_from_json(const json::Json& d) {
   p.s_in = json::flat(json::at(d, "s_in"), "s_in");
   p.s_mid = json::flat(json::at(d, "s_mid"), "s_mid");
   p.target_sparsity = json::number(json::at(d, "target_sparsity"), "target_sparsity");
+  const auto form = d.find("gated_mlp");  // absent in profiles older than the plain form: gated
+  if (form != d.end()) {
+    if (!form->is_boolean()) throw std::runtime_error("gated_mlp must be true or false, got " + form->dump());
+    p.gated_mlp = form->get<bool>();
+  }
   p.validate();
   return p;
 }
