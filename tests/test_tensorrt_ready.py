@@ -160,3 +160,20 @@ def test_export_engine_flag_still_builds(tiny_checkpoints, tmp_path, capsys):
     assert set(engines["engines"]) == set(C.GRAPHS)
     for e in engines["engines"].values():
         assert (out / e["file"]).is_file()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_plain_mlp_export_builds(family, tmp_path):
+    """The plain SparseMLP form (gated=0, six inputs; GELU-tanh for GPT-2, ReLU for OPT)
+    with learned positions and LayerNorm parses and builds like the gated one."""
+    from clada_export.export.onnx_export import export_onnx
+    from clada_export.model.loading import load_decoder
+    from conftest import make_checkpoint
+    from test_families import _configs
+
+    ckpt = make_checkpoint(_configs()[family], tmp_path / family)
+    model, hf = load_decoder(ckpt)
+    export_onnx(model, hf, tmp_path / "out", model_dir=ckpt)
+    io = []
+    blob = build_engine(tmp_path / "out" / f"{C.DECODE}.onnx", C.DECODE, ranges=RANGES, trt=trt, io=io)
+    assert blob and {t.name for t in io if t.is_input} >= {"input_ids", "thresholds"}
