@@ -146,8 +146,8 @@ def _derive_missing_levels(paths: dict[float, Path], made_with: dict) -> None:
         info = dict(base.calibration, sweep_calibration=made_with, derived_from_level=base_level,
                     kl_predicted=float(cal.km.predict(s_in, s_mid)), uniform_kl=None,
                     kl_note="the KL model's prediction (derived level: no held-out measurement)")
-        dataclasses.replace(base, s_in=s_in, s_mid=s_mid, target_sparsity=float(np.mean(byte_sparsity(s_in, s_mid, base.gated_mlp))),
-                            kl=None, calibration=info).save(p)
+        reached = float(np.mean(byte_sparsity(s_in, s_mid, base.gated_mlp)))
+        dataclasses.replace(base, s_in=s_in, s_mid=s_mid, target_sparsity=reached, kl=None, calibration=info).save(p)
 
 
 def build_methods(model, tokenizer, hf_config, settings: SweepSettings, out: Path, progress: bool = True
@@ -307,13 +307,15 @@ def run_sweep(settings: SweepSettings, out: Path, progress: bool = True, device:
     """Run (or resume) the sweep into ``out`` on ``device`` (:func:`sweep_device`);
     returns the result files."""
     dev = sweep_device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    # Every tensor the scoring makes (caches, positions, thresholds) is created on the
-    # model's device through the default-device context.
-    with dev:
-        return _run_sweep(settings, out, progress, dev)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        # Every tensor the scoring makes (caches, positions, thresholds) is created on
+        # the model's device through the default-device context.
+        with dev:
+            return _run_sweep(settings, out, progress, dev)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _run_sweep(settings: SweepSettings, out: Path, progress: bool, dev: torch.device) -> list[Path]:
