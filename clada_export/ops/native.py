@@ -218,9 +218,13 @@ def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int 
     _tuning.flags = int(flags)
 
 
-def _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act) -> None:
+def _check_act(act: str) -> None:
     if act not in ACT_CODES:
         raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
+
+
+def _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act) -> None:
+    _check_act(act)
     if x.dtype not in _DTYPES:
         raise TypeError(f"sparse_mlp_cuda supports bfloat16 and float16, got {x.dtype}")
     for name, t in (("w_gate_t", w_gate_t), ("w_up_t", w_up_t), ("w_down_t", w_down_t)):
@@ -247,6 +251,38 @@ def _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act) -> None:
         raise ValueError(f"thresholds are on {thresholds.device}, x on {x.device}")
 
 
+def _launch_args(lib, name: str, out: torch.Tensor, x: torch.Tensor, inter: int, thresholds: torch.Tensor,
+                 row_counts: torch.Tensor | None) -> tuple[int, int, torch.Tensor, torch.Tensor, bool]:
+    """What both forms' ``*_into`` check and prepare before a launch: the row count, ``out``,
+    ``row_counts``, float32 thresholds and the shared workspace. Returns ``(rows, hidden,
+    thresholds, workspace, workspace_is_zeroed)``."""
+    rows, hidden = x.shape
+    if not 1 <= rows <= MAX_BATCH:
+        raise ValueError(f"{name} handles 1..{MAX_BATCH} rows per call, got {rows}")
+    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor shaped and typed like x")
+    if row_counts is not None and (row_counts.dtype != torch.int32 or row_counts.numel() != 2
+                                   or not row_counts.is_contiguous() or row_counts.device != x.device):
+        raise ValueError(f"row_counts must be a contiguous int32 [2] tensor on {x.device}")
+    thr = thresholds if thresholds.dtype == torch.float32 and thresholds.is_contiguous() else thresholds.float().contiguous()
+    # one workspace layout serves both forms (calls on one stream are ordered)
+    ws, zeroed = _workspace(x.device, ("sparse_mlp", hidden, inter),
+                            lambda: lib.clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter))
+    return rows, hidden, thr, ws, zeroed
+
+
+def _as_token_rows(x: torch.Tensor, thresholds: torch.Tensor, into: Callable) -> torch.Tensor:
+    """Run ``into(out, rows, thresholds)`` on ``x [B, ..., hidden]`` as ``B * tokens`` rows
+    (each row with its sequence's thresholds) and return the result shaped like ``x``."""
+    batch, hidden = x.shape[0], x.shape[-1]
+    tokens = x.numel() // (batch * hidden)
+    x2 = x.reshape(batch * tokens, hidden).contiguous()
+    thr = thresholds if tokens == 1 else thresholds.repeat_interleave(tokens, dim=0)
+    out = torch.empty_like(x2)
+    into(out, x2, thr)
+    return out.reshape(x.shape)
+
+
 def sparse_mlp_cuda_into(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -261,19 +297,9 @@ def sparse_mlp_cuda_into(
     ``row_counts``: int32 ``[2]`` on the device, or None; the call adds the rows of
     ``w_gate_t``/``w_up_t`` and of ``w_down_t`` it read (the union over the batch)."""
     lib = load_library()
-    rows, hidden = x.shape
     inter = w_gate_t.shape[1]
-    if not 1 <= rows <= MAX_BATCH:
-        raise ValueError(f"sparse_mlp_cuda handles 1..{MAX_BATCH} rows per call, got {rows}")
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous tensor shaped and typed like x")
-    thr = thresholds if thresholds.dtype == torch.float32 and thresholds.is_contiguous() else thresholds.float().contiguous()
-    ws, zeroed = _workspace(x.device, ("sparse_mlp", hidden, inter),
-                            lambda: lib.clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter))
+    rows, hidden, thr, ws, zeroed = _launch_args(lib, "sparse_mlp_cuda", out, x, inter, thresholds, row_counts)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    if row_counts is not None and (row_counts.dtype != torch.int32 or row_counts.numel() != 2
-                                   or not row_counts.is_contiguous() or row_counts.device != x.device):
-        raise ValueError(f"row_counts must be a contiguous int32 [2] tensor on {x.device}")
     status = lib.clada_sparse_mlp_counted(
         x.data_ptr(),
         w_gate_t.data_ptr(),
@@ -307,13 +333,8 @@ def sparse_mlp_cuda_op(
     act: str,
 ) -> torch.Tensor:
     _check(x, w_gate_t, w_up_t, w_down_t, thresholds, act)
-    batch, hidden = x.shape[0], x.shape[-1]
-    tokens = x.numel() // (batch * hidden)
-    x2 = x.reshape(batch * tokens, hidden).contiguous()
-    thr = thresholds if tokens == 1 else thresholds.repeat_interleave(tokens, dim=0)
-    out = torch.empty_like(x2)
-    sparse_mlp_cuda_into(out, x2, w_gate_t, w_up_t, w_down_t, thr, act)
-    return out.reshape(x.shape)
+    return _as_token_rows(x, thresholds, lambda out, x2, thr: sparse_mlp_cuda_into(out, x2, w_gate_t, w_up_t,
+                                                                                   w_down_t, thr, act))
 
 
 @sparse_mlp_cuda_op.register_fake
@@ -361,11 +382,6 @@ def sparse_mlp_cuda(
 
 
 # ------------------------------------------------------------------ the plain (non-gated) form
-def _check_act(act: str) -> None:
-    if act not in ACT_CODES:
-        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACT_CODES)}")
-
-
 def check_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, act) -> None:
     """Raise ValueError/TypeError naming the argument that the plain kernel cannot take (shapes
     and dtypes first, then the device, so every message can be seen without a GPU)."""
@@ -417,24 +433,13 @@ def sparse_mlp_plain_cuda_into(
     lib = load_library()
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [B, hidden] here, got shape {list(x.shape)}")
-    rows, hidden = x.shape
-    inter = w_in_t.shape[1]
-    if not 1 <= rows <= MAX_BATCH:
-        raise ValueError(f"sparse_mlp_plain_cuda handles 1..{MAX_BATCH} rows per call, got {rows}")
-    if out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous tensor shaped and typed like x")
-    if row_counts is not None and (row_counts.dtype != torch.int32 or row_counts.numel() != 2
-                                   or not row_counts.is_contiguous() or row_counts.device != x.device):
-        raise ValueError(f"row_counts must be a contiguous int32 [2] tensor on {x.device}")
     x = x.contiguous()
     for name, t in (("x", x), ("w_in_t", w_in_t), ("b_in", b_in), ("w_out_t", w_out_t), ("b_out", b_out), ("out", out)):
         if t.data_ptr() % 16:
             raise ValueError(f"{name} must start 16-byte aligned (the kernels' 16-byte loads); it is a view at "
                              f"offset {t.storage_offset()}: pass a copy (.clone())")
-    thr = thresholds if thresholds.dtype == torch.float32 and thresholds.is_contiguous() else thresholds.float().contiguous()
-    # the gated form's workspace key: one layout serves both forms (calls on one stream are ordered)
-    ws, zeroed = _workspace(x.device, ("sparse_mlp", hidden, inter),
-                            lambda: lib.clada_sparse_mlp_workspace_size(MAX_BATCH, hidden, inter))
+    inter = w_in_t.shape[1]
+    rows, hidden, thr, ws, zeroed = _launch_args(lib, "sparse_mlp_plain_cuda", out, x, inter, thresholds, row_counts)
     status = lib.clada_sparse_mlp_plain(
         x.data_ptr(), w_in_t.data_ptr(), b_in.data_ptr(), w_out_t.data_ptr(), b_out.data_ptr(), thr.data_ptr(),
         out.data_ptr(), rows, hidden, inter, _DTYPES[x.dtype], ACT_CODES[act], ws.data_ptr(), ws.numel(),
@@ -456,13 +461,8 @@ def sparse_mlp_plain_cuda_op(
     act: str,
 ) -> torch.Tensor:
     check_plain(x, w_in_t, b_in, w_out_t, b_out, thresholds, act)
-    batch, hidden = x.shape[0], x.shape[-1]
-    tokens = x.numel() // (batch * hidden)
-    x2 = x.reshape(batch * tokens, hidden).contiguous()
-    thr = thresholds if tokens == 1 else thresholds.repeat_interleave(tokens, dim=0)
-    out = torch.empty_like(x2)
-    sparse_mlp_plain_cuda_into(out, x2, w_in_t, b_in, w_out_t, b_out, thr, act)
-    return out.reshape(x.shape)
+    return _as_token_rows(x, thresholds, lambda out, x2, thr: sparse_mlp_plain_cuda_into(out, x2, w_in_t, b_in,
+                                                                                         w_out_t, b_out, thr, act))
 
 
 @sparse_mlp_plain_cuda_op.register_fake
