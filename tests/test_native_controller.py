@@ -68,9 +68,13 @@ def test_native_controller_matches_python_bit_for_bit(native, seed):
     tokens = rng.integers(0, 50000, (T, B))
     for t in range(T):
         active = rng.random(B) > 0.1
-        a, b = py.step(u[t], e[t], tokens=tokens[t], active=active), cc.step(u[t], e[t], tokens=tokens[t],
-                                                                             active=active)
+        tok = tokens[t] if t % 5 else None  # the step without tokens too
+        a, b = py.step(u[t], e[t], tokens=tok, active=active), cc.step(u[t], e[t], tokens=tok, active=active)
         assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b), f"thresholds differ at step {t}"
+        # the generator's per-step summary, read off the records before any decision is built
+        (ra, da), (rb, db) = py.step_summary(), cc.step_summary()
+        assert np.array_equal(ra, rb, equal_nan=True) and np.array_equal(da, db), f"summary differs at step {t}"
+        assert np.isnan(rb[~active]).all() and not db[~active].any()
         assert [_key(d) for d in py.last_decisions] == [_key(d) for d in cc.last_decisions], f"step {t}"
     for name in ("mean_sparsity", "steps", "denser_steps", "sparser_steps"):
         assert np.array_equal(np.asarray(getattr(py, name)), getattr(cc, name), equal_nan=True), name

@@ -410,6 +410,13 @@ class ThresholdController:
         self._step_index += 1
         return self._last.copy()
 
+    def step_summary(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last step's realized byte sparsity ``float64 [B]`` (NaN where the sequence
+        was inactive) and whether each sequence is `denser` ``bool [B]``."""
+        d = self.last_decisions
+        return (np.array([np.nan if x is None else x.realized for x in d], dtype=np.float64),
+                np.array([x is not None and x.state == STATE_NAMES[DENSER] for x in d], dtype=bool))
+
     def static_thresholds(self, batch: int | None = None) -> np.ndarray:
         """The allocation's thresholds, no prefix shift, no token control:
         ``float32 [L, batch, 2]`` (``batch`` defaults to the controller's)."""

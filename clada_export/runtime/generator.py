@@ -139,9 +139,9 @@ class Generator:
                 tc = time.perf_counter()
                 thresholds = controller.step(surprisal, entropy, tokens=tok, active=~finished)
                 t_ctl += time.perf_counter() - tc
-                decisions = controller.last_decisions  # None for finished sequences
-                rec_sp.append(np.array([np.nan if d is None else d.realized for d in decisions]))
-                rec_d.append(np.array([d is not None and d.state == "denser" for d in decisions]))
+                realized, denser = controller.step_summary()  # NaN / False for finished sequences
+                rec_sp.append(realized)
+                rec_d.append(denser)
             else:
                 rec_sp.append(np.full(B, np.nan))
                 rec_d.append(np.zeros(B, bool))
