@@ -123,7 +123,7 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         if r["method"] != "dynamic":
             continue
-        for base in ("greedy", "griffin", "teal"):
+        for base in ("greedy", "teal", "uniform", "griffin", "clada_ref"):
             b = by_key.get(f"{base}-{r['level']:.2f}")
             if b is None:
                 continue
