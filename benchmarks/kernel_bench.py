@@ -186,9 +186,10 @@ def bench_shape(name, hidden, inter, dtype, copy_bw, l2_bytes, sparsities, batch
 
 
 VARIANTS = {  # name: (gateup_splits, down_rows_per_block, flags)
-    "2-kernel": (0, 0, 0),
-    "2-kernel/s2x4": (0, 32, 0),  # 4x the stage-2 blocks: more rows in flight at high sparsity
-    "2-kernel/s16": (16, 0, 0),
+    "2-kernel": (0, 0, native.FLAG_TWO_KERNEL),
+    "2-kernel/s2x4": (0, 32, native.FLAG_TWO_KERNEL),  # 4x the stage-2 blocks
+    "2-kernel/s16": (16, 0, native.FLAG_TWO_KERNEL),
+    "fused": (0, 0, native.FLAG_FUSED),  # one launch, column tiles end to end (batch 1-2 only)
 }
 
 
@@ -199,13 +200,15 @@ def sweep(dtype, copy_bw):
     sets = [tuple((torch.randn(*s, device="cuda", generator=gen) * 0.02).to(dtype)
                   for s in ((hidden, inter), (hidden, inter), (inter, hidden))) for _ in range(2)]
     k = CALLS_PER_GRAPH
-    for batch in ("1", "4c"):
+    for batch in ("1", "2", "4c"):
         xs = make_inputs(batch, hidden, k, dtype)
         outs = [torch.empty_like(x) for x in xs]
         for sparsity in (0.0, 0.5, 0.7, 0.9):
             thrs = [thresholds_and_touched(xs[i], sets[i % 2][0], sets[i % 2][1], sparsity)[0] for i in range(k)]
             results = []
             for name, (splits, rows, flags) in VARIANTS.items():
+                if flags & native.FLAG_FUSED and xs[0].shape[0] > 2:
+                    continue
                 native.set_tuning(splits, rows, flags)
 
                 def sparse():
@@ -217,13 +220,14 @@ def sweep(dtype, copy_bw):
             native.set_tuning(0, 0, 0)
             print(f"variants llama3-8b B={batch} s={sparsity}: " +
                   "  ".join(f"{n} {t:.1f}" for n, t in results), flush=True)
-            # where the time goes (default variant): no W_down_t row read (t_mid = inf),
-            # no row read at all (t_in = inf: both kernels' fixed costs only)
+            # where the time goes (the library's default launch): every kept row, no W_down_t
+            # row read (t_mid = inf), no row read at all (t_in = inf: the fixed cost only)
             parts = []
-            for label, col in (("no down rows", 1), ("no rows", 0)):
+            for label, col in (("default", None), ("no down rows", 1), ("no rows", 0)):
                 thr_x = [t.clone() for t in thrs]
                 for t in thr_x:
-                    t[:, col] = float("inf")
+                    if col is not None:
+                        t[:, col] = float("inf")
 
                 def sparse_x():
                     for i in range(k):
@@ -231,8 +235,7 @@ def sweep(dtype, copy_bw):
                         native.sparse_mlp_cuda_into(outs[i], xs[i], wg, wu, wd, thr_x[i])
 
                 parts.append(f"{label} {time_graph(sparse_x, k, repeats=10) * 1e6:.1f}")
-            print(f"breakdown llama3-8b B={batch} s={sparsity}: full {results[0][1]:.1f}  " + "  ".join(parts),
-                  flush=True)
+            print(f"breakdown llama3-8b B={batch} s={sparsity}: " + "  ".join(parts), flush=True)
     del sets
 
 

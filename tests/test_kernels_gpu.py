@@ -105,9 +105,72 @@ def test_kernel_matches_reference(model, dtype):
     assert not failures, "; ".join(failures)
 
 
+FUSED_SHAPES = {**SHAPES, "odd": (264, 1000)}  # 1000: a last column tile of 104
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model", list(FUSED_SHAPES))
+def test_fused_launch_matches_reference(model, dtype):
+    """The one-launch kernel (forced by flag FUSED, batch 1-2) against the float64 reference at
+    every sparsity, and its row counts against the two-kernel path's (forced) on the same
+    inputs (the input rows exactly; the down rows within a few, where h sits on a threshold
+    and the two summation orders differ)."""
+    hidden, inter = FUSED_SHAPES[model]
+    wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
+    failures = []
+    for batch in (1, 2):
+        for sparsity in SPARSITIES:
+            x = torch.randn(batch, hidden, device="cuda").to(dtype)
+            thr = thresholds_for(x, (wg64, wu64, wd64), sparsity)
+            counts = {}
+            for flags in (native.FLAG_TWO_KERNEL, native.FLAG_FUSED):
+                native.set_tuning(flags=flags)
+                try:
+                    rows = torch.zeros(2, dtype=torch.int32, device="cuda")
+                    out = torch.full_like(x, float("nan"))
+                    native.sparse_mlp_cuda_into(out, x, wg, wu, wd, thr, "silu", rows)
+                    torch.cuda.synchronize()
+                finally:
+                    native.set_tuning()
+                counts[flags] = rows.tolist()
+            ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
+            err = rel_err(out, ref)
+            if not err <= REL_TOL:
+                failures.append(f"B={batch} sparsity={sparsity}: rel err {err:.3g}")
+            (a_in, a_mid), (f_in, f_mid) = counts[native.FLAG_TWO_KERNEL], counts[native.FLAG_FUSED]
+            if f_in != a_in or abs(f_mid - a_mid) > 2 + 0.005 * a_mid:
+                failures.append(f"B={batch} sparsity={sparsity}: rows {[f_in, f_mid]} vs {[a_in, a_mid]}")
+    assert not failures, "; ".join(failures)
+
+
+def test_fused_launch_refuses_what_it_does_not_serve():
+    """Batch 3+ is cudaErrorNotSupported with the fused flag, not a silent other path."""
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
+    x = torch.randn(4, hidden, device="cuda").to(torch.bfloat16)
+    native.set_tuning(flags=native.FLAG_FUSED)
+    try:
+        with pytest.raises(RuntimeError, match="clada_sparse_mlp failed"):
+            run_kernel(x, wg, wu, wd, torch.zeros(4, 2, device="cuda"))
+    finally:
+        native.set_tuning()
+
+
+def test_both_launch_flags_are_an_error():
+    hidden, inter = SHAPES["smollm-135m"]
+    wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
+    x = torch.randn(1, hidden, device="cuda").to(torch.bfloat16)
+    native.set_tuning(flags=native.FLAG_FUSED | native.FLAG_TWO_KERNEL)
+    try:
+        with pytest.raises(RuntimeError, match="clada_sparse_mlp failed"):
+            run_kernel(x, wg, wu, wd, torch.zeros(1, 2, device="cuda"))
+    finally:
+        native.set_tuning()
+
+
 def test_unknown_flag_is_an_error():
-    """A flag the library does not know (none is defined since ABI 4) fails the
-    call instead of being ignored."""
+    """A flag the library does not know (bit 1, removed in ABI 4) fails the call instead of
+    being ignored."""
     hidden, inter = SHAPES["smollm-135m"]
     wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
     x = torch.randn(1, hidden, device="cuda").to(torch.bfloat16)

@@ -47,7 +47,7 @@ extern "C" {
  * 5 added the controller (controller_capi.h), 6 added the plain (non-gated) MLP
  * (clada_sparse_mlp_plain, clada_bias_act_mask) and CLADA_ACT_RELU (both forms), 7 added the
  * profile's MLP form (gated_mlp) to clada_controller_create. */
-#define CLADA_KERNELS_ABI_VERSION 7
+#define CLADA_KERNELS_ABI_VERSION 8
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 
@@ -58,13 +58,20 @@ typedef enum { CLADA_ACT_SILU = 0, CLADA_ACT_GELU_TANH = 1, CLADA_ACT_GELU = 2, 
 typedef struct {
   int gateup_splits;        /* stage 1: number of splits of the hidden (K) dimension */
   int down_rows_per_block;  /* stage 2: intermediate rows owned by one block */
-  int flags;                /* must be 0 */
+  int flags;                /* 0, CLADA_SPARSE_MLP_FLAG_FUSED or CLADA_SPARSE_MLP_FLAG_TWO_KERNEL */
   int reserved[5];
 } clada_sparse_mlp_config;
 
-/* No flag is defined: any bit set in flags makes the call fail with cudaErrorInvalidValue.
- * (CLADA_FLAG_PDL, 1, launched stage 2 by programmatic dependent launch; removed in ABI 4,
- * measured no faster on the H100 and H200: benchmarks/NOTES.md.) */
+/* Which launch serves the gated form (ABI 8). By default, one sequence of an MLP whose
+ * intermediate size gives at least 3/4 of the SMs a tile of 128 columns runs the fused launch
+ * (one kernel, each block owning a column tile end to end: sparse_mlp.cu, "fused"); everything
+ * else runs the two split-K kernels. CLADA_SPARSE_MLP_FLAG_FUSED forces the fused launch
+ * (batch 1 or 2 of the gated form, else cudaErrorNotSupported); CLADA_SPARSE_MLP_FLAG_TWO_KERNEL
+ * forces the two kernels. Both, or any other bit, fail with cudaErrorInvalidValue. (Bit 1,
+ * CLADA_FLAG_PDL, launched stage 2 by programmatic dependent launch; removed in ABI 4, measured
+ * no faster on the H100 and H200: benchmarks/NOTES.md.) */
+#define CLADA_SPARSE_MLP_FLAG_FUSED 2
+#define CLADA_SPARSE_MLP_FLAG_TWO_KERNEL 4
 
 CLADA_API int clada_kernels_abi_version(void);
 
