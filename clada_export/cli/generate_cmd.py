@@ -28,8 +28,9 @@ def add_parsers(sub, _add_model_arg) -> None:
                    help="prompt text; repeat for a batch of several prompts")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what runs the graphs (default: when the export's checkpoint is there, cuda on an NVIDIA "
-                        "GPU with the kernel library built, else torch, which on a CPU decodes through the "
-                        "SparseMLP kernel; without the checkpoint, onnxruntime)")
+                        "GPU with the kernel library built; on a CPU, torch (which decodes through the SparseMLP "
+                        "kernel) or onnxruntime, whichever decodes faster over a few timed steps; without the "
+                        "checkpoint, onnxruntime)")
     p.add_argument("--device", default=None,
                    help="device of backends that load the checkpoint (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -62,6 +63,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from clada_export.export.onnx_export import read_export_profile, read_manifest
     from clada_export.prompts import encode_prompts, eos_token_ids, fit_prompts, load_export_tokenizer
     from clada_export.runtime.backends import default_backend, open_backend
+    from clada_export.runtime.choose_backend import choose_faster, onnx_graphs_present
     from clada_export.runtime.controller import load_controller_config
     from clada_export.runtime.generator import Generator, summary_stats, threshold_mode
     from clada_export.runtime.sampling import SamplingConfig
@@ -85,23 +87,43 @@ def run_generate(args: argparse.Namespace) -> None:
               "export with --profile for CLADA thresholds", file=sys.stderr)
     factory, static, mode, controllers = threshold_mode(profile, args.dense, args.static, controller_config, args.trace)
     eos_ids = eos_token_ids(tok)
-    if args.backend is None:
+    named = args.backend is not None
+    if not named:
         args.backend, note = default_backend(manifest, args.device)
         if note:
             print(f"note: {note}", file=sys.stderr)
-    backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    backend = open_backend(args.backend, export_dir, manifest, device=args.device, dtype=args.dtype)
+    threads_note = None
     if args.backend == "torch" and backend.device.type == "cpu":
         import torch
 
         from clada_export.runtime.cpu_mlp import decode_threads
 
-        threads, note = decode_threads(args.threads)
+        threads, threads_note = decode_threads(args.threads)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
+        if not named and onnx_graphs_present(export_dir, manifest):
+            # on a CPU torch (with the SparseMLP kernel) and onnxruntime both run this export:
+            # time a few decode steps of each and keep the faster (runtime/choose_backend.py)
+            from clada_export.runtime.backends import OnnxRuntimeBackend
+
+            start = (profile.static_thresholds() if profile is not None and not args.dense
+                     else np.zeros((backend.num_layers, 2), np.float32))
+            held = [backend]
+            backend = None
+            choice = choose_faster({"torch": held.pop, "onnxruntime": lambda: OnnxRuntimeBackend(export_dir)},
+                                   prompts, start)
+            for name, why in choice.failed.items():
+                print(f"note: the {name} backend did not run here ({why})", file=sys.stderr)
+            print(choice.line(), file=sys.stderr)
+            args.backend, backend = choice.name, choice.backend
+            del choice
+            if args.backend != "torch":
+                torch.set_num_threads(previous_threads)
+    if threads_note and args.backend == "torch":
+        print(f"note: {threads_note}", file=sys.stderr)
     if getattr(backend, "mlp_note", None):
         gpu = "; --backend cuda runs the GPU kernels" if backend.device.type == "cuda" else ""
         print(f"note: the torch backend decodes with the reference op (dense products, then masks), so sparsity "
@@ -142,7 +164,8 @@ def run_generate(args: argparse.Namespace) -> None:
         dense = dense_tokens_per_second(backend, prompts, args.max_new_tokens)
         if dense == dense:  # NaN: too few tokens to time
             sparse = result.decode_tokens_per_second
-            stats.insert(2, f"dense {dense:.1f} tokens/s on the same backend: {sparse / dense:.2f}x")
+            why = " (onnxruntime computes the MLP dense, then masks)" if args.backend == "onnxruntime" else ""
+            stats.insert(2, f"dense {dense:.1f} tokens/s on the same backend: {sparse / dense:.2f}x{why}")
     if args.backend == "torch" and backend.device.type == "cpu":
         torch.set_num_threads(previous_threads)  # main() may be called again in this process (tests)
     print("[" + ", ".join(stats) + "]", file=sys.stderr)

@@ -243,7 +243,9 @@ def default_backend(manifest: dict, device: str | None = None) -> tuple[str, str
     """The backend ``generate`` runs when none is named, and a note when a faster one was
     passed over: cuda on an NVIDIA GPU with the kernel library (the export's checkpoint
     is needed), else torch (on a CPU it decodes through the CPU SparseMLP kernel), and
-    onnxruntime when the checkpoint is gone."""
+    onnxruntime when the checkpoint is gone. On a CPU, ``generate`` then times torch against
+    onnxruntime over a few decode steps and runs the faster
+    (:func:`clada_export.runtime.choose_backend.choose_faster`)."""
     source = manifest.get("source")
     if not source or not Path(source).is_dir():
         return "onnxruntime", None
