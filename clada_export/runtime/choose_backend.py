@@ -10,8 +10,8 @@ model (SmolLM2-135M, float32, batch 1) at 50% sparsity, torch with the kernel de
 17 tokens/s and onnxruntime about 32. Attempts to make onnxruntime profit from the sparsity
 (the kernel as a Python custom op, a Gather-based pure-ONNX sparse MLP) predicted at most
 1.11-1.18x and measured 0.93x. Which one wins depends on the machine, the model, its
-sparsity and the batch, so the user's first command times both (about a second on the
-default model) and runs the faster.
+sparsity and the batch, so the user's first command times both (about 4 s on the default
+model, opening ONNX Runtime's session included) and runs the faster.
 """
 
 from __future__ import annotations
