@@ -80,6 +80,8 @@ def test_native_controller_matches_python_bit_for_bit(native, seed):
         assert np.array_equal(np.asarray(getattr(py, name)), getattr(cc, name), equal_nan=True), name
     assert (py.denser_steps.sum() > 0) and (py.sparser_steps.sum() > 0)  # every state was exercised
     cc.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        cc.step(u[0], e[0])
 
 
 def test_make_controller_picks_python_for_traces(native, tmp_path):

@@ -146,6 +146,8 @@ class NativeController:
         if tokens is not None:
             self._tok[:] = tokens
         self._act[:] = True if active is None else active
+        if not self._h:  # the cached arguments hold the handle: never pass a destroyed one
+            raise RuntimeError("this controller was closed")
         self._step_fn(*(self._step_args_no_tokens if tokens is None else self._step_args))
         self._decisions = None  # built from the records when asked for (last_decisions)
         self._step_index += 1
