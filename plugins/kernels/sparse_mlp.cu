@@ -813,16 +813,13 @@ int launch_fused_vpt(const Call& a) {
   float* acc2 = reinterpret_cast<float*>(a.ws + l.acc2);
   unsigned* counter = reinterpret_cast<unsigned*>(a.ws + l.counter);
   const size_t smem = fused_smem_bytes<BT>(a.H);
-  // above 48 KB of shared memory a kernel has to opt in: once per instantiation and device
-  constexpr int kMaxDevices = 64;
-  static size_t opted[kMaxDevices] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= kMaxDevices || smem > opted[dev]) {
+  // above 48 KB of dynamic shared memory a kernel has to opt in (once per instantiation)
+  static size_t opted = 0;
+  if (smem > opted) {
     const cudaError_t e =
         cudaFuncSetAttribute(fused_kernel<T, BT, VPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return (int)e;
-    if (dev >= 0 && dev < kMaxDevices) opted[dev] = smem;
+    opted = smem;
   }
   fused_kernel<T, BT, VPT><<<cdiv(a.I, kFCols), kFThreads, smem, a.stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.w1), static_cast<const T*>(a.w2),
