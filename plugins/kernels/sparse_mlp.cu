@@ -33,6 +33,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 
 #include "common.cuh"
 
@@ -242,8 +244,9 @@ __global__ void __launch_bounds__(kS1Threads)
 // The end of a call, for the kernel whose blocks add partial y into acc2 [B, H]: the last
 // block to finish (a counter in the workspace) converts acc2 to y in the activation dtype
 // (plain form: adding b_out) and zeroes acc2 and the counter, so the workspace is zero again.
+// Returns whether this block was the last.
 template <typename T, bool kGated>
-__device__ __forceinline__ void finish_last_block(float* __restrict__ acc2, unsigned* __restrict__ counter,
+__device__ __forceinline__ bool finish_last_block(float* __restrict__ acc2, unsigned* __restrict__ counter,
                                                   T* __restrict__ y, const T* __restrict__ b_out, int B, int H) {
   __shared__ bool s_last;
   const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -251,7 +254,7 @@ __device__ __forceinline__ void finish_last_block(float* __restrict__ acc2, unsi
   __syncthreads();
   if (tid == 0) s_last = (atomicAdd(counter, 1u) == gridDim.x - 1);
   __syncthreads();
-  if (!s_last) return;
+  if (!s_last) return false;
   __threadfence();
   const int total4 = (B * H) / 4;
   for (int k = tid; k < total4; k += nthreads) {
@@ -274,6 +277,82 @@ __device__ __forceinline__ void finish_last_block(float* __restrict__ acc2, unsi
     reinterpret_cast<uint2*>(y)[k] = o;
   }
   if (tid == 0) *counter = 0u;
+  return true;
+}
+
+// Stage 2's and the fused kernel's last step: stream the rows s_idx[0..n) of W_down_t (whole
+// contiguous rows of `hidden`), each scaled by its kept h values s_hs[e * BT + b], kU rows in
+// flight per thread, into the accumulators a; thread `tid` of `nthreads` owns the 8-column groups
+// (v * nthreads + tid) * 8.
+template <typename T, int BT, int VPT, int kU>
+__device__ __forceinline__ void accumulate_down_rows(const T* __restrict__ wd, const int* s_idx, const float* s_hs,
+                                                     int n, float (&a)[VPT][BT][8], int H, int tid, int nthreads) {
+  int col[VPT];
+  bool ok[VPT];
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    col[v] = (v * nthreads + tid) * 8;
+    ok[v] = col[v] < H;
+  }
+  for (int e = 0; e < n; e += kU) {
+    uint4 w[kU][VPT];
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int eq = e + q;
+      const size_t row = (size_t)s_idx[min(eq, n - 1)] * H;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        w[q][v] = make_uint4(0u, 0u, 0u, 0u);
+        if (eq < n && ok[v]) w[q][v] = ld_weights(wd + row + col[v]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int eq = e + q;
+      if (eq < n) {
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          float f[8];
+          unpack8<T>(w[q][v], f);
+#pragma unroll
+          for (int b = 0; b < BT; ++b) {
+            const float hs = s_hs[eq * BT + b];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) a[v][b][c] = fmaf(hs, f[c], a[v][b][c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Adds a block's partial y (the accumulators of accumulate_down_rows) into acc2 [B, H] (vector
+// atomics on sm_90).
+template <int BT, int VPT>
+__device__ __forceinline__ void add_partial_y(const float (&a)[VPT][BT][8], float* __restrict__ acc2, int B, int H,
+                                              int tid, int nthreads) {
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int col = (v * nthreads + tid) * 8;
+    if (col >= H) continue;
+#pragma unroll
+    for (int b = 0; b < BT; ++b) {
+      if (b >= B) break;
+      float* p = acc2 + (size_t)b * H + col;
+      red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
+      red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
+    }
+  }
+}
+
+template <int VPT, int BT>
+__device__ __forceinline__ void zero_acc(float (&a)[VPT][BT][8]) {
+#pragma unroll
+  for (int v = 0; v < VPT; ++v)
+#pragma unroll
+    for (int b = 0; b < BT; ++b)
+#pragma unroll
+      for (int c = 0; c < 8; ++c) a[v][b][c] = 0.0f;
 }
 
 // ---------------------------------------------------------------- stage 2
@@ -346,60 +425,9 @@ __global__ void __launch_bounds__(kS2MaxThreads)
   // 2. Stream the needed rows of W_down_t: the block reads whole contiguous rows.
   if (n > 0) {
     float a[VPT][BT][8];
-#pragma unroll
-    for (int v = 0; v < VPT; ++v)
-#pragma unroll
-      for (int b = 0; b < BT; ++b)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) a[v][b][c] = 0.0f;
-    int col[VPT];
-    bool ok[VPT];
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      col[v] = (v * nthreads + tid) * 8;
-      ok[v] = col[v] < H;
-    }
-    for (int e = 0; e < n; e += kS2Unroll) {
-      uint4 w[kS2Unroll][VPT];
-#pragma unroll
-      for (int q = 0; q < kS2Unroll; ++q) {
-        const int eq = e + q;
-        const size_t row = (size_t)s_idx[min(eq, n - 1)] * H;
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          w[q][v] = make_uint4(0u, 0u, 0u, 0u);
-          if (eq < n && ok[v]) w[q][v] = ld_weights(wd + row + col[v]);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kS2Unroll; ++q) {
-        const int eq = e + q;
-        if (eq < n) {
-#pragma unroll
-          for (int v = 0; v < VPT; ++v) {
-            float f[8];
-            unpack8<T>(w[q][v], f);
-#pragma unroll
-            for (int b = 0; b < BT; ++b) {
-              const float hs = s_hs[eq * BT + b];
-#pragma unroll
-              for (int c = 0; c < 8; ++c) a[v][b][c] = fmaf(hs, f[c], a[v][b][c]);
-            }
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      if (!ok[v]) continue;
-#pragma unroll
-      for (int b = 0; b < BT; ++b) {
-        if (b >= B) break;
-        float* p = acc2 + (size_t)b * H + col[v];
-        red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
-        red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
-      }
-    }
+    zero_acc(a);
+    accumulate_down_rows<T, BT, VPT, kS2Unroll>(wd, s_idx, s_hs, n, a, H, tid, nthreads);
+    add_partial_y(a, acc2, B, H, tid, nthreads);
   }
 
   // 3. The last block converts the finished sums to y and leaves the workspace zeroed.
@@ -422,8 +450,48 @@ constexpr int kFLanesPerRow = kFCols / 8;        // 16 lanes x 8 columns (16 byt
 constexpr int kFRowsPerWarp = kWarp / kFLanesPerRow;
 constexpr int kFSlots = kFWarps * kFRowsPerWarp; // input rows one sweep of the block covers
 
+// Rows in flight: per row slot in phase B (two 16-byte loads a row), per thread in phase D
+// (VPT 16-byte loads a row). Overridable (CLADA_KERNEL_DEFINES) for tuning experiments.
+#ifndef CLADA_F_UNROLL
+#define CLADA_F_UNROLL 8
+#endif
+#ifndef CLADA_F_DOWN_LOADS
+#define CLADA_F_DOWN_LOADS 16
+#endif
 template <int BT>
-constexpr int fused_unroll() { return BT == 1 ? 8 : 4; }  // rows in flight per row slot
+constexpr int fused_unroll() { return BT == 1 ? CLADA_F_UNROLL : CLADA_F_UNROLL / 2; }
+template <int VPT>
+constexpr int fused_down_unroll() { return CLADA_F_DOWN_LOADS / VPT; }
+// Channels of x one thread thresholds in phase A, in 8-channel (16-byte) groups loaded together.
+#ifndef CLADA_F_X_GROUPS
+#define CLADA_F_X_GROUPS 2
+#endif
+constexpr int kFXGroups = CLADA_F_X_GROUPS;
+
+#ifdef CLADA_FUSED_TRACE
+// Timeline of the fused kernel for benchmarks/fused_timeline.py (a build with
+// -DCLADA_FUSED_TRACE only): per launch (4 kept, round robin) and block, %globaltimer at each
+// phase boundary and the kept W_down_t rows. Fields: 0 start, 1 x compacted (A), 2 gate/up
+// summed (B), 3 h compacted (C), 4 W_down_t rows streamed and partial y added (D), 5 end (the
+// last block: y written), 6 the tile's kept h columns.
+constexpr int kTraceLaunches = 4, kTraceBlocks = 1024, kTraceFields = 8;
+__device__ unsigned long long g_fused_trace[kTraceLaunches][kTraceBlocks][kTraceFields];
+__device__ unsigned g_fused_trace_launch;
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define FUSED_TRACE(k, v)                                                                        \
+  do {                                                                                           \
+    if (threadIdx.x == 0 && blockIdx.x < kTraceBlocks)                                           \
+      g_fused_trace[trace_launch % kTraceLaunches][blockIdx.x][k] = (v);                         \
+  } while (0)
+#else
+#define FUSED_TRACE(k, v) \
+  do {                    \
+  } while (0)
+#endif
 
 // Shared memory: the compacted input rows (index, thresholded values) for all of `hidden`.
 template <int BT>
@@ -431,56 +499,47 @@ constexpr size_t fused_smem_bytes(int H) {
   return (size_t)H * sizeof(int) + (size_t)H * BT * sizeof(float);
 }
 
-template <typename T, int BT, int VPT>
-__global__ void __launch_bounds__(kFThreads)
-    fused_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
-                 const T* __restrict__ wd, const float* __restrict__ thr, float* __restrict__ acc2,
-                 unsigned* __restrict__ counter, T* __restrict__ y, unsigned* __restrict__ row_counts, int B,
-                 int H, int I, int act) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  int* s_idx = reinterpret_cast<int*>(smem_raw);                     // [H]
-  float* s_xs = reinterpret_cast<float*>(s_idx + H);                 // [H][BT]
-  __shared__ float s_red[kFWarps][2][BT][kFCols];                    // per-warp gate/up sums
-  __shared__ int s_hidx[kFCols];
-  __shared__ float s_hs[kFCols][BT];
-  __shared__ int s_cnt[kFWarps];
-
+// The fused kernel's first step, in every block: threshold x [B, H] and compact the input
+// rows any batch row keeps into s_idx[n] (ascending) and their thresholded values
+// s_xs[n * BT + b]; returns n. Each thread takes kFXGroups x 8 consecutive channels a round, its
+// 16-byte loads issued together (Llama-3-8B's hidden 4096 costs one round trip); one
+// block-wide scan of the per-thread counts places them. s_cnt: kFWarps ints.
+template <typename T, int BT>
+__device__ __forceinline__ int compact_input(const T* __restrict__ x, const float (&t_in)[BT], int* s_idx,
+                                             float* s_xs, int* s_cnt, int B, int H) {
   const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
-  const int col0 = blockIdx.x * kFCols;
-  float t_in[BT], t_mid[BT];
-#pragma unroll
-  for (int b = 0; b < BT; ++b) {
-    t_in[b] = (b < B) ? __ldg(thr + 2 * b) : __int_as_float(0x7f800000);
-    t_mid[b] = (b < B) ? __ldg(thr + 2 * b + 1) : __int_as_float(0x7f800000);
-  }
-
-  // A. Threshold x and compact the input rows any batch row keeps: each thread takes 8
-  //    consecutive channels a round (one 16-byte load per batch row), one block-wide scan of
-  //    the per-thread counts places them (ascending order).
   int n = 0;
-  for (int r0 = 0; r0 < H; r0 += kFThreads * 8) {
-    const int i0 = r0 + tid * 8;
-    float v[BT][8];
-    unsigned keep = 0u;
-    if (i0 < H) {
+  for (int r0 = 0; r0 < H; r0 += kFThreads * 8 * kFXGroups) {
+    float v[kFXGroups][BT][8];
+    unsigned keep[kFXGroups];
+#pragma unroll
+    for (int g = 0; g < kFXGroups; ++g) {
+      const int i0 = r0 + (tid * kFXGroups + g) * 8;
+      keep[g] = 0u;
 #pragma unroll
       for (int b = 0; b < BT; ++b) {
-        if (b < B) {
-          unpack8<T>(*reinterpret_cast<const uint4*>(x + (size_t)b * H + i0), v[b]);
+        if (b < B && i0 < H) {
+          unpack8<T>(*reinterpret_cast<const uint4*>(x + (size_t)b * H + i0), v[g][b]);
         } else {
 #pragma unroll
-          for (int c = 0; c < 8; ++c) v[b][c] = 0.0f;
-        }
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          // NaN fails the comparison and is dropped, exactly as in the reference op.
-          const bool k = fabsf(v[b][c]) > t_in[b];
-          keep |= (k ? 1u : 0u) << c;
-          if (!k) v[b][c] = 0.0f;
+          for (int c = 0; c < 8; ++c) v[g][b][c] = 0.0f;
         }
       }
     }
-    const int cnt = __popc(keep);
+    int cnt = 0;
+#pragma unroll
+    for (int g = 0; g < kFXGroups; ++g) {
+#pragma unroll
+      for (int b = 0; b < BT; ++b)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          // NaN fails the comparison and is dropped, exactly as in the reference op.
+          const bool k = fabsf(v[g][b][c]) > t_in[b];
+          keep[g] |= (k ? 1u : 0u) << c;
+          if (!k) v[g][b][c] = 0.0f;
+        }
+      cnt += __popc(keep[g]);
+    }
     int incl = cnt;  // inclusive scan within the warp
 #pragma unroll
     for (int d = 1; d < kWarp; d <<= 1) {
@@ -498,17 +557,39 @@ __global__ void __launch_bounds__(kFThreads)
     }
     off += incl - cnt;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      if (keep & (1u << c)) {
-        s_idx[off] = i0 + c;
+    for (int g = 0; g < kFXGroups; ++g) {
+      const int i0 = r0 + (tid * kFXGroups + g) * 8;
 #pragma unroll
-        for (int b = 0; b < BT; ++b) s_xs[off * BT + b] = v[b][c];
-        ++off;
+      for (int c = 0; c < 8; ++c) {
+        if (keep[g] & (1u << c)) {
+          s_idx[off] = i0 + c;
+#pragma unroll
+          for (int b = 0; b < BT; ++b) s_xs[off * BT + b] = v[g][b][c];
+          ++off;
+        }
       }
     }
     n += tot;
     __syncthreads();  // s_cnt is reused by the next round; s_idx/s_xs complete after the last
   }
+  return n;
+}
+
+// The fused kernel's steps A-C for the column tile [col0, col0 + kFCols) of block
+// `blockIdx.x`: compacts x (A), sums every kept input row's W_gate_t/W_up_t segment over the
+// tile (B), and leaves the tile's kept h columns in s_hidx[n2], s_hs[n2][BT] (C); returns n2.
+template <typename T, int BT>
+__device__ __forceinline__ int fused_tile_front(const T* __restrict__ x, const T* __restrict__ wg,
+                                                const T* __restrict__ wu, const float (&t_in)[BT],
+                                                const float (&t_mid)[BT], unsigned* __restrict__ row_counts, int B,
+                                                int H, int I, int act, int col0, int* s_idx, float* s_xs,
+                                                float (&s_red)[kFWarps][2][BT][kFCols], int (&s_hidx)[kFCols],
+                                                float (&s_hs)[kFCols][BT], int* s_cnt,
+                                                [[maybe_unused]] unsigned trace_launch) {
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  // A. Threshold x and compact the input rows any batch row keeps.
+  const int n = compact_input<T, BT>(x, t_in, s_idx, s_xs, s_cnt, B, H);
+  FUSED_TRACE(1, global_ns());
   if (row_counts != nullptr && blockIdx.x == 0 && tid == 0 && n > 0) atomicAdd(row_counts, (unsigned)n);
 
   // B. Gate/up sums over every kept input row, for this block's columns: row slot
@@ -574,6 +655,7 @@ __global__ void __launch_bounds__(kFThreads)
       }
   }
   __syncthreads();
+  FUSED_TRACE(2, global_ns());
 
   // C. h = act(g) * u for this block's columns, the mid threshold, compaction.
   float hv[BT];
@@ -605,67 +687,54 @@ __global__ void __launch_bounds__(kFThreads)
   }
   __syncthreads();
   if (row_counts != nullptr && tid == 0 && n2 > 0) atomicAdd(row_counts + 1, (unsigned)n2);
+  FUSED_TRACE(3, global_ns());
+  FUSED_TRACE(6, n2);
+
+  return n2;
+}
+
+template <typename T, int BT, int VPT>
+__global__ void __launch_bounds__(kFThreads)
+    fused_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
+                 const T* __restrict__ wd, const float* __restrict__ thr, float* __restrict__ acc2,
+                 unsigned* __restrict__ counter, T* __restrict__ y, unsigned* __restrict__ row_counts, int B,
+                 int H, int I, int act) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int* s_idx = reinterpret_cast<int*>(smem_raw);                     // [H]
+  float* s_xs = reinterpret_cast<float*>(s_idx + H);                 // [H][BT]
+  __shared__ float s_red[kFWarps][2][BT][kFCols];                    // per-warp gate/up sums
+  __shared__ int s_hidx[kFCols];
+  __shared__ float s_hs[kFCols][BT];
+  __shared__ int s_cnt[kFWarps];
+  const int tid = threadIdx.x;
+  unsigned trace_launch = 0;
+#ifdef CLADA_FUSED_TRACE
+  trace_launch = *reinterpret_cast<volatile unsigned*>(&g_fused_trace_launch);
+  FUSED_TRACE(0, global_ns());
+#endif
+  float t_in[BT], t_mid[BT];
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    t_in[b] = (b < B) ? __ldg(thr + 2 * b) : __int_as_float(0x7f800000);
+    t_mid[b] = (b < B) ? __ldg(thr + 2 * b + 1) : __int_as_float(0x7f800000);
+  }
+  const int n2 = fused_tile_front<T, BT>(x, wg, wu, t_in, t_mid, row_counts, B, H, I, act, blockIdx.x * kFCols, s_idx,
+                                         s_xs, s_red, s_hidx, s_hs, s_cnt, trace_launch);
 
   // D. The kept rows of W_down_t among this block's columns, whole contiguous rows.
   if (n2 > 0) {
-    constexpr int kU2 = 16 / VPT;
-    float a[VPT][BT][8];
-#pragma unroll
-    for (int v = 0; v < VPT; ++v)
-#pragma unroll
-      for (int b = 0; b < BT; ++b)
-#pragma unroll
-        for (int c = 0; c < 8; ++c) a[v][b][c] = 0.0f;
-    int dcol[VPT];
-    bool dok[VPT];
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      dcol[v] = (v * kFThreads + tid) * 8;
-      dok[v] = dcol[v] < H;
-    }
-    for (int e = 0; e < n2; e += kU2) {
-      uint4 w[kU2][VPT];
-#pragma unroll
-      for (int q = 0; q < kU2; ++q) {
-        const int eq = e + q;
-        const size_t row = (size_t)s_hidx[min(eq, n2 - 1)] * H;
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          w[q][v] = make_uint4(0u, 0u, 0u, 0u);
-          if (eq < n2 && dok[v]) w[q][v] = ld_weights(wd + row + dcol[v]);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kU2; ++q) {
-        const int eq = e + q;
-        if (eq < n2) {
-#pragma unroll
-          for (int v = 0; v < VPT; ++v) {
-            float f[8];
-            unpack8<T>(w[q][v], f);
-#pragma unroll
-            for (int b = 0; b < BT; ++b) {
-              const float hs = s_hs[eq][b];
-#pragma unroll
-              for (int c = 0; c < 8; ++c) a[v][b][c] = fmaf(hs, f[c], a[v][b][c]);
-            }
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      if (!dok[v]) continue;
-#pragma unroll
-      for (int b = 0; b < BT; ++b) {
-        if (b >= B) break;
-        float* p = acc2 + (size_t)b * H + dcol[v];
-        red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
-        red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
-      }
-    }
+    float acc[VPT][BT][8];
+    zero_acc(acc);
+    accumulate_down_rows<T, BT, VPT, fused_down_unroll<VPT>()>(wd, s_hidx, &s_hs[0][0], n2, acc, H, tid, kFThreads);
+    add_partial_y(acc, acc2, B, H, tid, kFThreads);
   }
-  finish_last_block<T, true>(acc2, counter, y, nullptr, B, H);
+  FUSED_TRACE(4, global_ns());
+  const bool last = finish_last_block<T, true>(acc2, counter, y, nullptr, B, H);
+  FUSED_TRACE(5, global_ns());
+#ifdef CLADA_FUSED_TRACE
+  if (last && threadIdx.x == 0) g_fused_trace_launch = trace_launch + 1;
+#endif
+  (void)last;
 }
 
 // ---------------------------------------------------------------- dense-GEMM path
@@ -718,6 +787,7 @@ __global__ void gate_mask_kernel(const T* __restrict__ gu, const T* __restrict__
 
 // ---------------------------------------------------------------- host side
 constexpr size_t kCtrlBytes = 256;
+constexpr int kMaxDevices = 64;  // per-device launch state (the fused kernel's shared-memory opt-in)
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 int cdiv(int a, int b) { return (a + b - 1) / b; }
 
@@ -729,7 +799,7 @@ WorkspaceLayout layout(int batch, int hidden, int inter) {
   l.acc1 = 0;
   l.acc2 = align_up((size_t)batch * 2 * inter * sizeof(float), 256);
   l.counter = l.acc2 + align_up((size_t)batch * hidden * sizeof(float), 256);
-  l.total = l.counter + kCtrlBytes;  // stage 2's completion counter
+  l.total = l.counter + kCtrlBytes;  // the end-of-call counter
   return l;
 }
 
@@ -807,20 +877,32 @@ int launch_typed(const Call& a) {
   return (int)cudaGetLastError();
 }
 
+// Above 48 KB of shared memory (static + dynamic) a kernel has to opt in: once per kernel and
+// device (the attribute is per device: a process may drive several GPUs). `opted` is the
+// kernel's own per-device record.
+template <typename Kernel>
+cudaError_t opt_in_shared_memory(Kernel kernel, size_t smem, std::atomic<size_t> (&opted)[kMaxDevices]) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (smem > opted[dev].load(std::memory_order_relaxed)) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+    opted[dev].store(smem, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int BT, int VPT>
 int launch_fused_vpt(const Call& a) {
   const WorkspaceLayout l = layout(a.B, a.H, a.I);
   float* acc2 = reinterpret_cast<float*>(a.ws + l.acc2);
   unsigned* counter = reinterpret_cast<unsigned*>(a.ws + l.counter);
   const size_t smem = fused_smem_bytes<BT>(a.H);
-  // above 48 KB of dynamic shared memory a kernel has to opt in (once per instantiation)
-  static size_t opted = 0;
-  if (smem > opted) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(fused_kernel<T, BT, VPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return (int)e;
-    opted = smem;
-  }
+  static std::atomic<size_t> opted[kMaxDevices];
+  const cudaError_t e = opt_in_shared_memory(fused_kernel<T, BT, VPT>, smem, opted);
+  if (e != cudaSuccess) return (int)e;
   fused_kernel<T, BT, VPT><<<cdiv(a.I, kFCols), kFThreads, smem, a.stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.w1), static_cast<const T*>(a.w2),
       static_cast<const T*>(a.wd), a.thr, acc2, counter, static_cast<T*>(a.y), a.row_counts, a.B, a.H, a.I, a.act);
@@ -974,5 +1056,28 @@ int clada_bias_act_mask(const void* pre, const void* b_in, const float* threshol
 }
 
 const char* clada_error_string(int status) { return cudaGetErrorString((cudaError_t)status); }
+
+#ifdef CLADA_FUSED_TRACE
+// The fused kernel's timeline (benchmarks/fused_timeline.py): copies the trace of the last
+// `launches` (<= 4) launches, [launches][1024 blocks][8] u64, oldest first, and restarts it
+// (zeroed: a block that did not run reads 0).
+CLADA_API int clada_fused_trace_read(unsigned long long* out, int launches) {
+  unsigned n = 0;
+  cudaError_t e = cudaMemcpyFromSymbol(&n, g_fused_trace_launch, sizeof(n));
+  if (e != cudaSuccess) return (int)e;
+  const size_t per = sizeof(unsigned long long) * kTraceBlocks * kTraceFields;
+  for (int i = 0; i < launches && i < kTraceLaunches; ++i) {
+    const unsigned slot = (n + kTraceLaunches - launches + i) % kTraceLaunches;
+    e = cudaMemcpyFromSymbol(out + (size_t)i * kTraceBlocks * kTraceFields, g_fused_trace, per, slot * per);
+    if (e != cudaSuccess) return (int)e;
+  }
+  void* trace = nullptr;
+  e = cudaGetSymbolAddress(&trace, g_fused_trace);
+  if (e == cudaSuccess) e = cudaMemset(trace, 0, per * kTraceLaunches);
+  if (e != cudaSuccess) return (int)e;
+  const unsigned zero = 0;
+  return (int)cudaMemcpyToSymbol(g_fused_trace_launch, &zero, sizeof(zero));
+}
+#endif
 
 }  // extern "C"
