@@ -29,7 +29,8 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
-    p.add_argument("--repeats", type=int, default=3, help="timed generations per case (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds over all cases, each a warm-up and one timed generation per case")
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="cuda backend dtype")
     p.add_argument("--compile", action="store_true", help="cuda: torch.compile the decode step before capture")
     p.add_argument("-o", "--output", default="clada-bench", help="directory for bench.md, bench.json, bench.png")
@@ -76,15 +77,15 @@ def run_bench_cmd(args: argparse.Namespace) -> None:
     modes = bench.MODES if profile is not None else ("dense",)
     if profile is None:
         print("note: this export has no sparsity profile, so only dense is timed", file=sys.stderr)
-    if device == "cpu":  # a CPU is often shared: interleave the cases (bench.run_bench_interleaved)
+    if device == "cpu":
         from clada_export.runtime.cpu_mlp import decode_threads
 
         threads, note = decode_threads(None)  # what generate would use on this machine now
         torch.set_num_threads(threads)
         result.notes.append(note or f"torch threads: {threads}")
-        bench.run_bench_interleaved(factories, result, profile, args.batches, vocab, args.repeats, modes)
-    else:
-        bench.run_bench(factories, result, profile, args.batches, vocab, modes)
+    # cases interleaved round by round: drift of the machine falls on every case alike
+    bench.run_bench_interleaved(factories, result, profile, args.batches, vocab, args.repeats, modes,
+                                cpu=device == "cpu")
     if "cuda" in factories:
         bench.dense_bandwidth_note(result, factories["cuda"]("dense").model)
     paths = result.write(Path(args.output))

@@ -4,8 +4,10 @@ weights.
 
 Each case generates ``new_tokens`` tokens from random prompts of ``prompt_len`` tokens
 through the :class:`~clada_export.runtime.generator.Generator` (EOS ignored, greedy), the
-controller in the loop for ``dynamic``. The first generation of each case is a warm-up
-(graph capture, compilation, allocation); the others are timed. Timestamps are taken on
+controller in the loop for ``dynamic``. ``clada-export bench`` interleaves the cases
+(:func:`run_bench_interleaved`): rounds in which every case runs a warm-up (graph capture,
+compilation, allocation) and one timed generation, figures as medians over the rounds, so that
+drift of the host or the GPU falls on every case alike. Timestamps are taken on
 the host when each token reaches it, so per-token latency includes everything a user
 waits for: the device step, sampling, and the controller.
 
@@ -153,7 +155,8 @@ class BenchResult:
             f"# Generation benchmark on {self.device}",
             "",
             f"{self.model}, {self.dtype}; prompt {self.prompt_len} tokens, {self.new_tokens} new tokens per "
-            f"sequence, {self.repeats} timed generations per case after one warm-up; greedy, EOS ignored.",
+            f"sequence, {self.repeats} timed generations per case (the notes say how they were run); greedy, "
+            "EOS ignored.",
             "Latency per token is host time between tokens (device step, sampling, controller); speedup is "
             "dense p50 / p50 on the same backend and batch.",
             "",
@@ -409,11 +412,12 @@ def export_backends(export_dir: Path, backends: list[str], dtype: str, compile: 
 # ------------------------------------------------------------------ CPU runs
 def run_bench_interleaved(backends: dict[str, Callable[[str], Backend]], result: BenchResult,
                           profile: SparsityProfile | None, batches: list[int], vocab: int, rounds: int,
-                          modes: tuple[str, ...] = MODES, progress: bool = True) -> BenchResult:
-    """:func:`run_bench` for a CPU shared with other work: ``rounds`` passes over every case,
-    one timed generation per case per pass, so a change of load hits all cases alike, and
-    ratios between cases hold. Each case's figures are medians over the rounds; the load
-    average before and after goes into the notes."""
+                          modes: tuple[str, ...] = MODES, progress: bool = True, cpu: bool = True) -> BenchResult:
+    """:func:`run_bench` in ``rounds`` passes over every case, one timed generation per case per
+    pass, so that a change of load (a CPU shared with other work; on a GPU machine, the host's
+    jitter, which on a launch-bound 2 ms step is larger than the controller) hits all cases
+    alike, and ratios between cases hold. Each case's figures are medians over the rounds; on a
+    CPU (``cpu``) the load average before and after goes into the notes."""
     import os
     from dataclasses import fields, replace
 
@@ -430,10 +434,14 @@ def run_bench_interleaved(backends: dict[str, Callable[[str], Backend]], result:
             merged[f.name] = float(np.median(values)) if numeric else values[0]
         result.cases.append(type(group[0])(**merged))
     load_after = os.getloadavg()
-    result.notes.append(f"CPU: {os.cpu_count()} cores; cases interleaved, {rounds} rounds of one timed generation "
-                        "each (after one warm-up), medians over rounds (speedup: of each round's dense p50 / p50); load average "
-                        f"(1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    fastest_dense_note(result)
+    how = (f"cases interleaved, {rounds} rounds of one timed generation each (after one warm-up), medians over "
+           "rounds (speedup: of each round's dense p50 / p50)")
+    if cpu:
+        how = (f"CPU: {os.cpu_count()} cores; {how}; load average (1 min) {load_before[0]:.2f} before, "
+               f"{load_after[0]:.2f} after")
+    result.notes.append(how)
+    if len({c.backend for c in result.cases}) > 1:
+        fastest_dense_note(result)
     return result
 
 
