@@ -7,10 +7,8 @@ calls (Llama-3-8B's MLP by default, batch 1), from a kernel library built with
     CLADA_KERNELS_LIB=/tmp/kt/libclada_kernels.so python benchmarks/fused_timeline.py
 
 Each block records %globaltimer at its start, after compacting x (A), after its gate/up rows
-(B), after h and its compaction (C), then for the fused kernel after its W_down_t rows and
-partial-y atomics (D) and after the end-of-call counter (the last block: after writing y), and
-for the sliced kernel (the default at batch 1; sparse_mlp.cu) after the grid barrier, after
-gathering the kept-column list and after writing its slice of y. Prints, per sparsity, the
+(B), after h and its compaction (C), after its W_down_t rows and partial-y atomics (D) and
+after the end-of-call counter (the last block: after writing y). Prints, per sparsity, the
 median and the slowest block of each phase, the spread of block starts and ends and the gap
 between consecutive calls (in microseconds).
 """
@@ -39,28 +37,22 @@ def read_trace(lib, launches: int) -> np.ndarray:
 
 
 def summarize(tr: np.ndarray) -> dict[str, float]:
-    """Phase times of the launches in ``tr`` (the fused kernel, or the sliced one: field 7 set)."""
+    """Phase times of the launches in ``tr`` (blocks that ran have a nonzero start)."""
     nblocks = int((tr[0, :, 0] > 0).sum())
     t = tr[:, :nblocks, :].astype(np.float64) / 1e3  # ns -> us
-    sliced = bool((tr[:, :nblocks, 7] > 0).any())
     start, end = t[:, :, 0], t[:, :, 5]
     rows = {"blocks": float(nblocks)}
-    if sliced:
-        phases = (("A x", 0, 1), ("B gate/up", 1, 2), ("C h + list", 2, 3), ("grid barrier", 3, 7),
-                  ("gather list", 7, 4), ("D slice of y", 4, 5))
-    else:
-        phases = (("A x", 0, 1), ("B gate/up", 1, 2), ("C h", 2, 3), ("D down+atomics", 3, 4),
-                  ("end counter", 4, 5))
-    for name, i, j in phases:
-        d = t[:, :, j] - t[:, :, i]
+    for name, i in (("A x", 0), ("B gate/up", 1), ("C h", 2), ("D down+atomics", 3), ("end counter", 4)):
+        d = t[:, :, i + 1] - t[:, :, i]
         rows[f"{name} med"] = float(np.median(d))
         rows[f"{name} max"] = float(np.median(d.max(1)))
     rows["start spread"] = float(np.median(start.max(1) - start.min(1)))
     rows["call (first start to last end)"] = float(np.median(end.max(1) - start.min(1)))
-    rows["end spread"] = float(np.median(end.max(1) - end.min(1)))
+    rows["D end spread"] = float(np.median(t[:, :, 4].max(1) - t[:, :, 4].min(1)))
     gaps = [start[k + 1].min() - end[k].max() for k in range(t.shape[0] - 1)]
     rows["gap to next call"] = float(statistics.median(gaps)) if gaps else float("nan")
     n2 = tr[:, :nblocks, 6].astype(np.float64)
+    rows["kept h columns/tile mean"] = float(n2.mean())
     rows["kept h columns/tile max"] = float(np.median(n2.max(1)))
     return rows
 
