@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from clada_export.ops import native
-from kernel_bench import CALLS_PER_GRAPH, SHAPES, make_inputs, thresholds_and_touched, time_graph
+from kernel_bench import CALLS_PER_GRAPH, SHAPES, make_inputs, mlp_weight_sets, thresholds_and_touched, time_graph
 
 
 def use_library(path: str) -> None:
@@ -49,9 +49,7 @@ def main() -> None:
         variants.append((name, path, int(flags)))
     hidden, inter = SHAPES[args.shape] if args.shape in SHAPES else map(int, args.shape.split("x"))
     dtype, k = torch.bfloat16, CALLS_PER_GRAPH
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    sets = [tuple((torch.randn(*s, device="cuda", generator=gen) * 0.02).to(dtype)
-                  for s in ((hidden, inter), (hidden, inter), (inter, hidden))) for _ in range(2)]
+    sets = mlp_weight_sets(hidden, inter, dtype, seed=2)
     xs = make_inputs("1", hidden, k, dtype)
     outs = [torch.empty_like(x) for x in xs]
     print(f"{torch.cuda.get_device_name()}, {args.shape} ({hidden} x {inter}), batch 1, bf16, us per call "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clada_export.ops import native
-from kernel_bench import SHAPES, make_inputs, thresholds_and_touched
+from kernel_bench import SHAPES, make_inputs, mlp_weight_sets, thresholds_and_touched
 
 LAUNCHES, BLOCKS, FIELDS = 4, 1024, 8
 
@@ -69,9 +69,7 @@ def main() -> None:
     lib.clada_fused_trace_read.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_int]
     hidden, inter = SHAPES[args.shape]
     dtype = torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    sets = [tuple((torch.randn(*s, device="cuda", generator=gen) * 0.02).to(dtype)
-                  for s in ((hidden, inter), (hidden, inter), (inter, hidden))) for _ in range(2)]
+    sets = mlp_weight_sets(hidden, inter, dtype, seed=3)
     xs = make_inputs("1", hidden, LAUNCHES, dtype)
     outs = [torch.empty_like(x) for x in xs]
     native.set_tuning(0, 0, native.FLAG_FUSED)

@@ -99,6 +99,14 @@ def make_inputs(batch: str, hidden: int, k: int, dtype) -> list[torch.Tensor]:
     return xs
 
 
+def mlp_weight_sets(hidden: int, inter: int, dtype, seed: int, count: int = 2) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` sets of (W_gate_t, W_up_t, W_down_t), N(0, 0.02) on the GPU, from ``seed``: the
+    launch comparisons rotate two, so that the calls read more than L2 holds."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [tuple((torch.randn(*s, device="cuda", generator=gen) * 0.02).to(dtype)
+                  for s in ((hidden, inter), (hidden, inter), (inter, hidden))) for _ in range(count)]
+
+
 def thresholds_and_touched(x, wg, wu, sparsity: float) -> tuple[torch.Tensor, float, float]:
     """Per-row quantile thresholds, and the fractions of input/intermediate rows that any
     row of the batch needs (what the kernel must read)."""
@@ -196,9 +204,7 @@ VARIANTS = {  # name: (gateup_splits, down_rows_per_block, flags)
 def sweep(dtype, copy_bw):
     """Variants of the launch (see VARIANTS) on the Llama-3-8B shape (prints; changes no defaults)."""
     hidden, inter = SHAPES["llama3-8b"]
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    sets = [tuple((torch.randn(*s, device="cuda", generator=gen) * 0.02).to(dtype)
-                  for s in ((hidden, inter), (hidden, inter), (inter, hidden))) for _ in range(2)]
+    sets = mlp_weight_sets(hidden, inter, dtype, seed=2)
     k = CALLS_PER_GRAPH
     for batch in ("1", "2", "4c"):
         xs = make_inputs(batch, hidden, k, dtype)
