@@ -198,6 +198,7 @@ VARIANTS = {  # name: (gateup_splits, down_rows_per_block, flags)
     "2-kernel/s2x4": (0, 32, native.FLAG_TWO_KERNEL),  # 4x the stage-2 blocks
     "2-kernel/s16": (16, 0, native.FLAG_TWO_KERNEL),
     "fused": (0, 0, native.FLAG_FUSED),  # one launch, column tiles end to end (batch 1-2 only)
+    "fused/no-cluster": (0, 0, native.FLAG_FUSED | native.FLAG_NO_CLUSTER),  # as before sm_90
 }
 
 

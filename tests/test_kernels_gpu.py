@@ -105,16 +105,19 @@ def test_kernel_matches_reference(model, dtype):
     assert not failures, "; ".join(failures)
 
 
-FUSED_SHAPES = {**SHAPES, "odd": (264, 1000)}  # 1000: a last column tile of 104
+# 1000: a last column tile of 104; 1096: 9 tiles (the last of 72), so a cluster of 2 has a block
+# past the last tile
+FUSED_SHAPES = {**SHAPES, "odd": (264, 1000), "odd-tiles": (200, 1096)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("model", list(FUSED_SHAPES))
 def test_fused_launch_matches_reference(model, dtype):
-    """The one-launch kernel (forced by flag FUSED, batch 1-2) against the float64 reference at
-    every sparsity, and its row counts against the two-kernel path's (forced) on the same
-    inputs (the input rows exactly; the down rows within a few, where h sits on a threshold
-    and the two summation orders differ)."""
+    """The one-launch kernel (forced by flag FUSED, batch 1-2; in thread-block clusters on sm_90,
+    and without them, as before sm_90) against the float64 reference at every sparsity, and its
+    row counts against the two-kernel path's (forced) on the same inputs (the input rows exactly;
+    the down rows within a few, where h sits on a threshold and the two summation orders
+    differ)."""
     hidden, inter = FUSED_SHAPES[model]
     wg, wu, wd, wg64, wu64, wd64 = weights(hidden, inter, dtype)
     failures = []
@@ -122,8 +125,10 @@ def test_fused_launch_matches_reference(model, dtype):
         for sparsity in SPARSITIES:
             x = torch.randn(batch, hidden, device="cuda").to(dtype)
             thr = thresholds_for(x, (wg64, wu64, wd64), sparsity)
+            ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
             counts = {}
-            for flags in (native.FLAG_TWO_KERNEL, native.FLAG_FUSED):
+            fused = (native.FLAG_FUSED, native.FLAG_FUSED | native.FLAG_NO_CLUSTER)
+            for flags in (native.FLAG_TWO_KERNEL, *fused):
                 native.set_tuning(flags=flags)
                 try:
                     rows = torch.zeros(2, dtype=torch.int32, device="cuda")
@@ -133,13 +138,15 @@ def test_fused_launch_matches_reference(model, dtype):
                 finally:
                     native.set_tuning()
                 counts[flags] = rows.tolist()
-            ref = sparse_mlp_reference(x.double(), wg64, wu64, wd64, thr)
-            err = rel_err(out, ref)
-            if not err <= REL_TOL:
-                failures.append(f"B={batch} sparsity={sparsity}: rel err {err:.3g}")
-            (a_in, a_mid), (f_in, f_mid) = counts[native.FLAG_TWO_KERNEL], counts[native.FLAG_FUSED]
-            if f_in != a_in or abs(f_mid - a_mid) > 2 + 0.005 * a_mid:
-                failures.append(f"B={batch} sparsity={sparsity}: rows {[f_in, f_mid]} vs {[a_in, a_mid]}")
+                err = rel_err(out, ref)
+                if flags != native.FLAG_TWO_KERNEL and not err <= REL_TOL:
+                    failures.append(f"flags {flags} B={batch} sparsity={sparsity}: rel err {err:.3g}")
+            a_in, a_mid = counts[native.FLAG_TWO_KERNEL]
+            for flags in fused:
+                f_in, f_mid = counts[flags]
+                if f_in != a_in or abs(f_mid - a_mid) > 2 + 0.005 * a_mid:
+                    failures.append(f"flags {flags} B={batch} sparsity={sparsity}: "
+                                    f"rows {[f_in, f_mid]} vs {[a_in, a_mid]}")
     assert not failures, "; ".join(failures)
 
 
@@ -156,11 +163,12 @@ def test_fused_launch_refuses_what_it_does_not_serve():
         native.set_tuning()
 
 
-def test_both_launch_flags_are_an_error():
+@pytest.mark.parametrize("flags", ["FUSED|TWO_KERNEL", "TWO_KERNEL|NO_CLUSTER"])
+def test_contradicting_launch_flags_are_an_error(flags):
     hidden, inter = SHAPES["smollm-135m"]
     wg, wu, wd, *_ = weights(hidden, inter, torch.bfloat16)
     x = torch.randn(1, hidden, device="cuda").to(torch.bfloat16)
-    native.set_tuning(flags=native.FLAG_FUSED | native.FLAG_TWO_KERNEL)
+    native.set_tuning(flags=sum(getattr(native, f"FLAG_{name}") for name in flags.split("|")))
     try:
         with pytest.raises(RuntimeError, match="clada_sparse_mlp failed"):
             run_kernel(x, wg, wu, wd, torch.zeros(1, 2, device="cuda"))

@@ -394,6 +394,8 @@ def test_abi_version_and_activation_codes_follow_the_header():
     codes = {name.lower(): int(v) for name, v in re.findall(r"CLADA_ACT_(\w+) = (\d+)", text)}
     assert codes == native.ACT_CODES
     assert native.ACT_CODES["relu"] == 3
+    flags = {name: int(v) for name, v in re.findall(r"#define CLADA_SPARSE_MLP_FLAG_(\w+) (\d+)", text)}
+    assert flags == {name: getattr(native, f"FLAG_{name}") for name in ("FUSED", "TWO_KERNEL", "NO_CLUSTER")}
 
 
 def _plain_args(hidden=64, inter=128, batch=2, dtype=torch.bfloat16):

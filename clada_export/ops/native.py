@@ -45,9 +45,10 @@ BUILD_COMMAND = (
     "pip install -e . (with nvcc and cmake on PATH: the install builds it into clada_export/lib), or from the "
     "repository root: cmake -S plugins -B plugins/build && cmake --build plugins/build -j"
 )
-ABI_VERSION = 8  # CLADA_KERNELS_ABI_VERSION (plugins/kernels/sparse_mlp.h)
+ABI_VERSION = 9  # CLADA_KERNELS_ABI_VERSION (plugins/kernels/sparse_mlp.h)
 FLAG_FUSED = 2  # CLADA_SPARSE_MLP_FLAG_FUSED: force the one-launch kernel (gated, batch 1-2)
 FLAG_TWO_KERNEL = 4  # CLADA_SPARSE_MLP_FLAG_TWO_KERNEL: force the two split-K kernels
+FLAG_NO_CLUSTER = 8  # CLADA_SPARSE_MLP_FLAG_NO_CLUSTER: the fused launch without clusters (as before sm_90)
 MAX_BATCH = 8
 MAX_HIDDEN = 8192
 
@@ -213,8 +214,8 @@ _tuning = _Config()
 
 def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int = 0) -> None:
     """Override the launch shapes (0 = automatic); for benchmarks and tuning. ``flags``: 0 (the
-    library chooses), :data:`FLAG_FUSED` or :data:`FLAG_TWO_KERNEL` (sparse_mlp.h); other bits
-    are refused (tests pass them to check). Applies to later launches (a captured graph keeps the
+    library chooses), :data:`FLAG_FUSED` or :data:`FLAG_TWO_KERNEL`, and :data:`FLAG_NO_CLUSTER`
+    (sparse_mlp.h); other bits and combinations are refused (tests pass them to check). Applies to later launches (a captured graph keeps the
     shapes it was captured with)."""
     _tuning.gateup_splits = int(gateup_splits)
     _tuning.down_rows_per_block = int(down_rows_per_block)

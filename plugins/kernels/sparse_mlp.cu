@@ -33,8 +33,10 @@
 
 #include <stdint.h>
 
-#include <atomic>
+#include <cooperative_groups.h>
 
+#include <algorithm>
+#include <atomic>
 
 #include "common.cuh"
 
@@ -114,6 +116,48 @@ __device__ __forceinline__ int compact_slot(bool keep, int* s_cnt, int nwarps, i
 }
 
 // ---------------------------------------------------------------- stage 1
+// Stage 1's and the fused kernel's row loop: adds the compacted input rows e = slot, slot +
+// stride, ... of s_idx[n] (values s_xs[e * BT + b]), kU rows in flight, over the 8 columns that
+// pg/pu point at in row 0 of W_gate_t/W_up_t (the plain form: W_in_t alone, pu unused), into
+// ag/au. col_ok false: the columns lie past inter (nothing is read, the sums stay 0).
+template <typename T, int BT, int kU, bool kGated>
+__device__ __forceinline__ void accumulate_input_rows(const T* __restrict__ pg, const T* __restrict__ pu,
+                                                      const int* s_idx, const float* s_xs, int n, int slot,
+                                                      int stride, bool col_ok, int I, float (&ag)[BT][8],
+                                                      float (&au)[BT][8]) {
+  for (int e = slot; e < n; e += stride * kU) {
+    uint4 g[kU], u[kU];
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int eq = e + q * stride;
+      g[q] = u[q] = make_uint4(0u, 0u, 0u, 0u);
+      if (eq < n && col_ok) {
+        const size_t row = (size_t)s_idx[eq] * I;
+        g[q] = ld_weights(pg + row);
+        if constexpr (kGated) u[q] = ld_weights(pu + row);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int eq = e + q * stride;
+      if (eq < n) {
+        float fg[8], fu[8];
+        unpack8<T>(g[q], fg);
+        if constexpr (kGated) unpack8<T>(u[q], fu);
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          const float xs = s_xs[eq * BT + b];
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
+            if constexpr (kGated) au[b][c] = fmaf(xs, fu[c], au[b][c]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // acc1 layout: [batch][2][inter] fp32 (gate sums, then up sums), zero on entry. The plain
 // form (kGated false: wg is W_in_t, wu unused) fills only acc1[b][0][:].
 template <typename T, int BT, bool kGated>
@@ -177,40 +221,8 @@ __global__ void __launch_bounds__(kS1Threads)
     for (int c = 0; c < 8; ++c) ag[b][c] = au[b][c] = 0.0f;
 
   const int col = col0 + lane * 8;
-  const bool col_ok = col < I;
-  const T* pg = wg + col;
-  const T* pu = wu + col;
-  for (int e = warp; e < n; e += kS1Warps * kS1Unroll) {
-    uint4 g[kS1Unroll], u[kS1Unroll];
-#pragma unroll
-    for (int q = 0; q < kS1Unroll; ++q) {
-      const int eq = e + q * kS1Warps;
-      g[q] = u[q] = make_uint4(0u, 0u, 0u, 0u);
-      if (eq < n && col_ok) {
-        const size_t row = (size_t)s_idx[eq] * I;
-        g[q] = ld_weights(pg + row);
-        if constexpr (kGated) u[q] = ld_weights(pu + row);
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < kS1Unroll; ++q) {
-      const int eq = e + q * kS1Warps;
-      if (eq < n) {
-        float fg[8], fu[8];
-        unpack8<T>(g[q], fg);
-        if constexpr (kGated) unpack8<T>(u[q], fu);
-#pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          const float xs = s_xs[eq * BT + b];
-#pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
-            if constexpr (kGated) au[b][c] = fmaf(xs, fu[c], au[b][c]);
-          }
-        }
-      }
-    }
-  }
+  accumulate_input_rows<T, BT, kS1Unroll, kGated>(wg + col, wu + col, s_idx, s_xs, n, warp, kS1Warps, col < I, I, ag,
+                                                  au);
 
   // 3. Reduce the warps' partial sums in shared memory, one batch row at a time, then
   //    one coalesced atomic add per column into the workspace.
@@ -326,11 +338,12 @@ __device__ __forceinline__ void accumulate_down_rows(const T* __restrict__ wd, c
   }
 }
 
-// Adds a block's partial y (the accumulators of accumulate_down_rows) into acc2 [B, H] (vector
-// atomics on sm_90).
-template <int BT, int VPT>
-__device__ __forceinline__ void add_partial_y(const float (&a)[VPT][BT][8], float* __restrict__ acc2, int B, int H,
-                                              int tid, int nthreads) {
+// Calls f(offset, sums) for each 8-column group of a block's partial y (the accumulators of
+// accumulate_down_rows) that thread `tid` of `nthreads` holds: offset b * H + col into a [B, H]
+// row-major buffer, sums the group's 8 floats.
+template <int BT, int VPT, typename F>
+__device__ __forceinline__ void for_each_partial_y(const float (&a)[VPT][BT][8], int B, int H, int tid, int nthreads,
+                                                   F&& f) {
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int col = (v * nthreads + tid) * 8;
@@ -338,11 +351,19 @@ __device__ __forceinline__ void add_partial_y(const float (&a)[VPT][BT][8], floa
 #pragma unroll
     for (int b = 0; b < BT; ++b) {
       if (b >= B) break;
-      float* p = acc2 + (size_t)b * H + col;
-      red_add4(p, a[v][b][0], a[v][b][1], a[v][b][2], a[v][b][3]);
-      red_add4(p + 4, a[v][b][4], a[v][b][5], a[v][b][6], a[v][b][7]);
+      f((size_t)b * H + col, a[v][b]);
     }
   }
+}
+
+// Adds a block's partial y into acc2 [B, H] (vector atomics on sm_90).
+template <int BT, int VPT>
+__device__ __forceinline__ void add_partial_y(const float (&a)[VPT][BT][8], float* __restrict__ acc2, int B, int H,
+                                              int tid, int nthreads) {
+  for_each_partial_y(a, B, H, tid, nthreads, [&](size_t off, const float (&s)[8]) {
+    red_add4(acc2 + off, s[0], s[1], s[2], s[3]);
+    red_add4(acc2 + off + 4, s[4], s[5], s[6], s[7]);
+  });
 }
 
 template <int VPT, int BT>
@@ -604,39 +625,7 @@ __device__ __forceinline__ int fused_tile_front(const T* __restrict__ x, const T
   for (int b = 0; b < BT; ++b)
 #pragma unroll
     for (int c = 0; c < 8; ++c) ag[b][c] = au[b][c] = 0.0f;
-  const T* pg = wg + col;
-  const T* pu = wu + col;
-  for (int e = slot; e < n; e += kFSlots * kU) {
-    uint4 g[kU], u[kU];
-#pragma unroll
-    for (int q = 0; q < kU; ++q) {
-      const int eq = e + q * kFSlots;
-      g[q] = u[q] = make_uint4(0u, 0u, 0u, 0u);
-      if (eq < n && col_ok) {
-        const size_t row = (size_t)s_idx[eq] * I;
-        g[q] = ld_weights(pg + row);
-        u[q] = ld_weights(pu + row);
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < kU; ++q) {
-      const int eq = e + q * kFSlots;
-      if (eq < n) {
-        float fg[8], fu[8];
-        unpack8<T>(g[q], fg);
-        unpack8<T>(u[q], fu);
-#pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          const float xs = s_xs[eq * BT + b];
-#pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            ag[b][c] = fmaf(xs, fg[c], ag[b][c]);
-            au[b][c] = fmaf(xs, fu[c], au[b][c]);
-          }
-        }
-      }
-    }
-  }
+  accumulate_input_rows<T, BT, kU, true>(wg + col, wu + col, s_idx, s_xs, n, slot, kFSlots, col_ok, I, ag, au);
   // the two row slots of a warp hold the same columns: add them, then across the warps
 #pragma unroll
   for (int b = 0; b < BT; ++b)
@@ -693,7 +682,66 @@ __device__ __forceinline__ int fused_tile_front(const T* __restrict__ x, const T
   return n2;
 }
 
-template <typename T, int BT, int VPT>
+// Thread-block clusters (sm_90): the blocks of a cluster of kFCluster sum their partial y in
+// distributed shared memory, and each adds 1/kFCluster of the columns into acc2. Why
+// (benchmarks/NOTES.md section 9): with 112 blocks each adding all H columns, the fence on
+// those atomics and the last block's wait cost 2-4 us a call; in pairs the same call is 0.5-1 us
+// faster at 0-90% (clusters of 4 and 8 measured no better, and pooling the cluster's down rows
+// to even out phase D measured slower: the pool waits for the cluster's slowest gate/up phase).
+// 0 or 1: no clusters.
+#ifndef CLADA_F_CLUSTER
+#define CLADA_F_CLUSTER 2
+#endif
+constexpr int kFCluster = CLADA_F_CLUSTER > 1 ? CLADA_F_CLUSTER : 1;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CLADA_HAS_CLUSTERS 1
+#else
+#define CLADA_HAS_CLUSTERS 0
+#endif
+
+// A cluster's block adds its partial y a [VPT][BT][8] (the accumulate_down_rows layout) into
+// acc2 [B, H] through the cluster: it writes a to s_y ([BT][H] floats of its shared memory),
+// and after the cluster barrier sums the 4-column groups [rank H4 / C, (rank+1) H4 / C) of every
+// block's s_y and adds them with atomics. Ends with this block's arrival on the cluster barrier:
+// the caller waits on it before exiting, since the other blocks read this block's s_y.
+template <int BT, int VPT, int kC>
+__device__ __forceinline__ void cluster_add_partial_y(const float (&a)[VPT][BT][8], float* s_y,
+                                                      float* __restrict__ acc2, int B, int H) {
+#if CLADA_HAS_CLUSTERS
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int rank = (int)cluster.block_rank();
+  for_each_partial_y(a, B, H, tid, nthreads, [&](size_t off, const float (&s)[8]) {
+    float4* p = reinterpret_cast<float4*>(s_y + off);
+    p[0] = make_float4(s[0], s[1], s[2], s[3]);
+    p[1] = make_float4(s[4], s[5], s[6], s[7]);
+  });
+  cluster.sync();  // every block's partial y is in its s_y
+  const int h4 = H / 4, g0 = rank * h4 / kC, g1 = (rank + 1) * h4 / kC;
+  for (int b = 0; b < B; ++b)
+    for (int g = g0 + tid; g < g1; g += nthreads) {
+      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int r = 0; r < kC; ++r) {
+        const float4 o = *cluster.map_shared_rank(reinterpret_cast<const float4*>(s_y + (size_t)b * H) + g, r);
+        s.x += o.x;
+        s.y += o.y;
+        s.z += o.z;
+        s.w += o.w;
+      }
+      red_add4(acc2 + (size_t)b * H + 4 * g, s.x, s.y, s.z, s.w);
+    }
+  cluster.barrier_arrive();  // done reading the others' s_y
+#else
+  __trap();  // clusters need sm_90; the host launches a cluster build's kernel only there
+#endif
+}
+
+// kC > 1: launched in clusters of kC blocks, the grid rounded up to whole clusters (a block
+// past the last tile only adds its zero partial y to the cluster's sum).
+template <typename T, int BT, int VPT, int kC>
 __global__ void __launch_bounds__(kFThreads)
     fused_kernel(const T* __restrict__ x, const T* __restrict__ wg, const T* __restrict__ wu,
                  const T* __restrict__ wd, const float* __restrict__ thr, float* __restrict__ acc2,
@@ -718,14 +766,20 @@ __global__ void __launch_bounds__(kFThreads)
     t_in[b] = (b < B) ? __ldg(thr + 2 * b) : __int_as_float(0x7f800000);
     t_mid[b] = (b < B) ? __ldg(thr + 2 * b + 1) : __int_as_float(0x7f800000);
   }
-  const int n2 = fused_tile_front<T, BT>(x, wg, wu, t_in, t_mid, row_counts, B, H, I, act, blockIdx.x * kFCols, s_idx,
-                                         s_xs, s_red, s_hidx, s_hs, s_cnt, trace_launch);
+  const int col0 = blockIdx.x * kFCols;
+  const int n2 = col0 < I ? fused_tile_front<T, BT>(x, wg, wu, t_in, t_mid, row_counts, B, H, I, act, col0, s_idx,
+                                                    s_xs, s_red, s_hidx, s_hs, s_cnt, trace_launch)
+                          : 0;
 
   // D. The kept rows of W_down_t among this block's columns, whole contiguous rows.
-  if (n2 > 0) {
-    float acc[VPT][BT][8];
-    zero_acc(acc);
+  float acc[VPT][BT][8];
+  zero_acc(acc);
+  if (n2 > 0)
     accumulate_down_rows<T, BT, VPT, fused_down_unroll<VPT>()>(wd, s_hidx, &s_hs[0][0], n2, acc, H, tid, kFThreads);
+  if constexpr (kC > 1) {
+    // s_y reuses the input-row lists: phase B was their last reader.
+    cluster_add_partial_y<BT, VPT, kC>(acc, reinterpret_cast<float*>(smem_raw), acc2, B, H);
+  } else if (n2 > 0) {
     add_partial_y(acc, acc2, B, H, tid, kFThreads);
   }
   FUSED_TRACE(4, global_ns());
@@ -735,6 +789,9 @@ __global__ void __launch_bounds__(kFThreads)
   if (last && threadIdx.x == 0) g_fused_trace_launch = trace_launch + 1;
 #endif
   (void)last;
+#if CLADA_HAS_CLUSTERS
+  if constexpr (kC > 1) cooperative_groups::this_cluster().barrier_wait();  // the others are done with our s_y
+#endif
 }
 
 // ---------------------------------------------------------------- dense-GEMM path
@@ -894,18 +951,80 @@ cudaError_t opt_in_shared_memory(Kernel kernel, size_t smem, std::atomic<size_t>
   return cudaSuccess;
 }
 
+// A launch of `blocks` fused-kernel blocks (a multiple of kFCluster) in clusters of kFCluster.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  ClusterLaunch(int blocks, size_t smem, cudaStream_t stream) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kFCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kFThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// Whether `kernel` can run in clusters of kFCluster blocks on this device (one record per
+// device: 0 not yet asked, 1 yes, -1 no): sm_90 or later, and at least one cluster fits.
+template <typename Kernel>
+bool clusters_fit(Kernel kernel, size_t smem, std::atomic<int> (&known)[kMaxDevices]) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  const int k = known[dev].load(std::memory_order_relaxed);
+  if (k != 0) return k > 0;
+  int major = 0, n = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  // The kernel's code must itself be sm_90 or later: a library built for older GPUs only (its
+  // PTX JIT-compiled here) has the cluster code compiled out.
+  cudaFuncAttributes fa = {};
+  const bool sm90_code = major >= 9 && cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.ptxVersion >= 90;
+  ClusterLaunch launch(kFCluster, smem, nullptr);
+  if (!sm90_code || cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) != cudaSuccess) {
+    cudaGetLastError();  // "no clusters here" is an answer, not an error of the call
+    n = 0;
+  }
+  known[dev].store(n > 0 ? 1 : -1, std::memory_order_relaxed);
+  return n > 0;
+}
+
 template <typename T, int BT, int VPT>
 int launch_fused_vpt(const Call& a) {
   const WorkspaceLayout l = layout(a.B, a.H, a.I);
   float* acc2 = reinterpret_cast<float*>(a.ws + l.acc2);
   unsigned* counter = reinterpret_cast<unsigned*>(a.ws + l.counter);
+  const int ntiles = cdiv(a.I, kFCols);
   const size_t smem = fused_smem_bytes<BT>(a.H);
+  const T* x = static_cast<const T*>(a.x);
+  const T* w1 = static_cast<const T*>(a.w1);
+  const T* w2 = static_cast<const T*>(a.w2);
+  const T* wd = static_cast<const T*>(a.wd);
+  T* y = static_cast<T*>(a.y);
+  const bool no_cluster = a.cfg && (a.cfg->flags & CLADA_SPARSE_MLP_FLAG_NO_CLUSTER);
+  if constexpr (kFCluster > 1) {
+    auto kernel = fused_kernel<T, BT, VPT, kFCluster>;
+    static std::atomic<size_t> opted[kMaxDevices];
+    static std::atomic<int> fits[kMaxDevices];
+    const cudaError_t e = opt_in_shared_memory(kernel, smem, opted);
+    if (e != cudaSuccess) return (int)e;
+    if (!no_cluster && clusters_fit(kernel, smem, fits)) {
+      ClusterLaunch launch(cdiv(ntiles, kFCluster) * kFCluster, smem, a.stream);
+      return (int)cudaLaunchKernelEx(&launch.cfg, kernel, x, w1, w2, wd, a.thr, acc2, counter, y, a.row_counts, a.B, a.H,
+                                     a.I, a.act);
+    }
+    // Before sm_90, or asked for: the launch without clusters.
+  }
   static std::atomic<size_t> opted[kMaxDevices];
-  const cudaError_t e = opt_in_shared_memory(fused_kernel<T, BT, VPT>, smem, opted);
+  const cudaError_t e = opt_in_shared_memory(fused_kernel<T, BT, VPT, 1>, smem, opted);
   if (e != cudaSuccess) return (int)e;
-  fused_kernel<T, BT, VPT><<<cdiv(a.I, kFCols), kFThreads, smem, a.stream>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.w1), static_cast<const T*>(a.w2),
-      static_cast<const T*>(a.wd), a.thr, acc2, counter, static_cast<T*>(a.y), a.row_counts, a.B, a.H, a.I, a.act);
+  fused_kernel<T, BT, VPT, 1><<<ntiles, kFThreads, smem, a.stream>>>(x, w1, w2, wd, a.thr, acc2, counter, y,
+                                                                      a.row_counts, a.B, a.H, a.I, a.act);
   return (int)cudaGetLastError();
 }
 
@@ -953,8 +1072,12 @@ int run(const Call& a, int dtype, size_t workspace_bytes, int workspace_is_zeroe
   if (a.H > CLADA_SPARSE_MLP_MAX_HIDDEN) return (int)cudaErrorNotSupported;
   if (!valid_act(a.act)) return (int)cudaErrorInvalidValue;
   const int flags = a.cfg ? a.cfg->flags : 0;
-  constexpr int kKnown = CLADA_SPARSE_MLP_FLAG_FUSED | CLADA_SPARSE_MLP_FLAG_TWO_KERNEL;
-  if ((flags & ~kKnown) != 0 || (flags & kKnown) == kKnown) return (int)cudaErrorInvalidValue;
+  constexpr int kKnown =
+      CLADA_SPARSE_MLP_FLAG_FUSED | CLADA_SPARSE_MLP_FLAG_TWO_KERNEL | CLADA_SPARSE_MLP_FLAG_NO_CLUSTER;
+  constexpr int kFusedOrTwo = CLADA_SPARSE_MLP_FLAG_FUSED | CLADA_SPARSE_MLP_FLAG_TWO_KERNEL;
+  constexpr int kTwoNoCluster = CLADA_SPARSE_MLP_FLAG_TWO_KERNEL | CLADA_SPARSE_MLP_FLAG_NO_CLUSTER;
+  if ((flags & ~kKnown) != 0 || (flags & kFusedOrTwo) == kFusedOrTwo || (flags & kTwoNoCluster) == kTwoNoCluster)
+    return (int)cudaErrorInvalidValue;
   if ((flags & CLADA_SPARSE_MLP_FLAG_FUSED) && (!kGated || a.B > 2))
     return (int)cudaErrorNotSupported;  // the fused launch: gated form, batch 1 or 2
   if (!a.x || !a.w1 || !a.wd || !a.thr || !a.y || !a.ws) return (int)cudaErrorInvalidValue;

@@ -46,8 +46,9 @@ extern "C" {
  * clada_sparse_mlp_counted, clada_mask_input and clada_gate_mask and removed CLADA_FLAG_PDL,
  * 5 added the controller (controller_capi.h), 6 added the plain (non-gated) MLP
  * (clada_sparse_mlp_plain, clada_bias_act_mask) and CLADA_ACT_RELU (both forms), 7 added the
- * profile's MLP form (gated_mlp) to clada_controller_create. */
-#define CLADA_KERNELS_ABI_VERSION 8
+ * profile's MLP form (gated_mlp) to clada_controller_create, 8 the fused launch and its flags,
+ * 9 CLADA_SPARSE_MLP_FLAG_NO_CLUSTER. */
+#define CLADA_KERNELS_ABI_VERSION 9
 #define CLADA_SPARSE_MLP_MAX_BATCH 8
 #define CLADA_SPARSE_MLP_MAX_HIDDEN 8192
 
@@ -58,7 +59,7 @@ typedef enum { CLADA_ACT_SILU = 0, CLADA_ACT_GELU_TANH = 1, CLADA_ACT_GELU = 2, 
 typedef struct {
   int gateup_splits;        /* stage 1: number of splits of the hidden (K) dimension */
   int down_rows_per_block;  /* stage 2: intermediate rows owned by one block */
-  int flags;                /* 0, CLADA_SPARSE_MLP_FLAG_FUSED or CLADA_SPARSE_MLP_FLAG_TWO_KERNEL */
+  int flags;                /* 0 or CLADA_SPARSE_MLP_FLAG_*, below */
   int reserved[5];
 } clada_sparse_mlp_config;
 
@@ -69,9 +70,14 @@ typedef struct {
  * (batch 1 or 2 of the gated form, else cudaErrorNotSupported); CLADA_SPARSE_MLP_FLAG_TWO_KERNEL
  * forces the two kernels. Both, or any other bit, fail with cudaErrorInvalidValue. (Bit 1,
  * CLADA_FLAG_PDL, launched stage 2 by programmatic dependent launch; removed in ABI 4, measured
- * no faster on the H100 and H200: benchmarks/NOTES.md.) */
+ * no faster on the H100 and H200: benchmarks/NOTES.md.)
+ * On sm_90 and later the fused launch runs in thread-block clusters of 2 (ABI 9: the pair sums
+ * its partial outputs in distributed shared memory before adding them up across the GPU);
+ * CLADA_SPARSE_MLP_FLAG_NO_CLUSTER runs it without clusters, as before sm_90 (for tests and
+ * benchmarks; with CLADA_SPARSE_MLP_FLAG_TWO_KERNEL it is cudaErrorInvalidValue). */
 #define CLADA_SPARSE_MLP_FLAG_FUSED 2
 #define CLADA_SPARSE_MLP_FLAG_TWO_KERNEL 4
+#define CLADA_SPARSE_MLP_FLAG_NO_CLUSTER 8
 
 CLADA_API int clada_kernels_abi_version(void);
 
