@@ -20,10 +20,6 @@ pytestmark = [
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are", "To install a Python package, run", "Water boils at",
            "The quick brown fox", "In 1969, the first humans"]
-# bf16 rounds each logit to 8 bits of mantissa, and two implementations of the same bf16 model
-# (fused kernels vs eager torch) round at different places: a greedy pick may flip only where
-# the reference's two best logits are closer than this (nats), which the test checks.
-NEAR_TIE = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +50,11 @@ def test_zero_thresholds_stay_within_bf16_rounding_and_greedy_text(default_model
     are (relative L2 error per step at most 1.5x torch bf16's worst, a bf16 model's own
     rounding: on this 30-layer model both are about 1e-1, so a fixed bound would say
     nothing); free-running greedy text from the cuda backend equals the torch bf16 backend's
-    for every prompt, except where the torch pick was a near tie (top-2 gap < NEAR_TIE)."""
+    for every prompt, except where the torch pick was a near tie: its top-2 gap smaller than the
+    largest shifts of a top-2 gap that the two bf16 backends show against float32 on the same
+    prompt's teacher-forced steps, added (each may move a gap that far from float32's, in opposite
+    directions: they round at different places, and the kernels' float atomics add in no fixed
+    order)."""
     from clada_export.model.loading import load_decoder
     from clada_export.model.default import default_model_dir
     from clada_export.runtime.backends import CudaBackend, TorchBackend
@@ -66,7 +66,7 @@ def test_zero_thresholds_stay_within_bf16_rounding_and_greedy_text(default_model
     L = bf16.num_layers
     th = torch.zeros(L, 1, 2)
     worst_bf16 = worst_fast = 0.0
-    identical, near_ties = 0, []
+    identical, near_ties, bands = 0, [], []
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
         lens = torch.tensor([ids.shape[1]])
@@ -74,10 +74,15 @@ def test_zero_thresholds_stay_within_bf16_rounding_and_greedy_text(default_model
         for b in (f32, bf16, fast):
             b.start(1, 128)
             outs.append(b.prefill(ids, lens, th))
+        band = [0.0, 0.0]  # the largest shift of float32's top-2 gap: torch bf16, cuda backend
         for step in range(32):
             ref = outs[0].logits.float().cpu()
-            worst_bf16 = max(worst_bf16, _rel(outs[1].logits.float().cpu(), ref))
-            worst_fast = max(worst_fast, _rel(outs[2].logits.float().cpu(), ref))
+            lb, lf = outs[1].logits.float().cpu(), outs[2].logits.float().cpu()
+            worst_bf16 = max(worst_bf16, _rel(lb, ref))
+            worst_fast = max(worst_fast, _rel(lf, ref))
+            i, j = ref[0].topk(2).indices.tolist()
+            for k, lk in enumerate((lb, lf)):
+                band[k] = max(band[k], abs(float((lk[0, i] - lk[0, j]) - (ref[0, i] - ref[0, j]))))
             forced = ref.argmax(-1)
             outs = [b.decode(forced, lens + step, th) for b in (f32, bf16, fast)]
         # free-running greedy text, cuda backend against torch bf16
@@ -98,12 +103,14 @@ def test_zero_thresholds_stay_within_bf16_rounding_and_greedy_text(default_model
         else:
             first = next(i for i, (a, c) in enumerate(zip(*texts)) if a != c)
             near_ties.append(margins[first])
+            bands.append(band[0] + band[1])
     print(f"default model, zero thresholds, 32 teacher-forced steps x {len(PROMPTS)} prompts, relative logit "
           f"error vs the float32 model: cuda backend {worst_fast:.2e}, torch bf16 {worst_bf16:.2e}; identical "
           f"greedy text (cuda vs torch bf16) on {identical} of {len(PROMPTS)} prompts; torch bf16 top-2 gaps "
-          f"where they differ: {[round(m, 3) for m in near_ties]}")
+          f"where they differ: {[round(m, 3) for m in near_ties]}, the two backends' largest top-2 gap shifts "
+          f"against float32 on those prompts, added: {[round(b, 3) for b in bands]}")
     assert worst_fast <= 1.5 * worst_bf16
-    assert all(m < NEAR_TIE for m in near_ties)
+    assert all(m < b for m, b in zip(near_ties, bands))
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

@@ -685,8 +685,8 @@ __device__ __forceinline__ int fused_tile_front(const T* __restrict__ x, const T
 // Thread-block clusters (sm_90): the blocks of a cluster of kFCluster sum their partial y in
 // distributed shared memory, and each adds 1/kFCluster of the columns into acc2. Why
 // (benchmarks/NOTES.md section 9): with 112 blocks each adding all H columns, the fence on
-// those atomics and the last block's wait cost 2-4 us a call; in pairs the same call is 0.5-1 us
-// faster at 0-90% (clusters of 4 and 8 measured no better, and pooling the cluster's down rows
+// those atomics and the last block's wait cost 2-4 us a call; in pairs the same call is 0.4-1.2
+// us faster at 50-90% (clusters of 4 and 8 measured no better, and pooling the cluster's down rows
 // to even out phase D measured slower: the pool waits for the cluster's slowest gate/up phase).
 // 0 or 1: no clusters.
 #ifndef CLADA_F_CLUSTER
