@@ -215,8 +215,8 @@ _tuning = _Config()
 def set_tuning(gateup_splits: int = 0, down_rows_per_block: int = 0, flags: int = 0) -> None:
     """Override the launch shapes (0 = automatic); for benchmarks and tuning. ``flags``: 0 (the
     library chooses), :data:`FLAG_FUSED` or :data:`FLAG_TWO_KERNEL`, and :data:`FLAG_NO_CLUSTER`
-    (sparse_mlp.h); other bits and combinations are refused (tests pass them to check). Applies to later launches (a captured graph keeps the
-    shapes it was captured with)."""
+    (sparse_mlp.h); other bits and combinations are refused (tests pass them to check).
+    Applies to later launches (a captured graph keeps the shapes it was captured with)."""
     _tuning.gateup_splits = int(gateup_splits)
     _tuning.down_rows_per_block = int(down_rows_per_block)
     _tuning.flags = int(flags)
