@@ -409,7 +409,7 @@ def export_backends(export_dir: Path, backends: list[str], dtype: str, compile: 
     return factories, profile, f"export {export_dir.name}", manifest["config"]["vocab_size"], dtype
 
 
-# ------------------------------------------------------------------ CPU runs
+# ------------------------------------------------------------------ interleaved runs (what `clada-export bench` calls, CPU and GPU)
 def run_bench_interleaved(backends: dict[str, Callable[[str], Backend]], result: BenchResult,
                           profile: SparsityProfile | None, batches: list[int], vocab: int, rounds: int,
                           modes: tuple[str, ...] = MODES, progress: bool = True, cpu: bool = True) -> BenchResult:
