@@ -61,6 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
+    ap.add_argument("--flags", type=int, default=0,
+                    help="launch flags besides FUSED (sparse_mlp.h), e.g. 16 (NO_BULK) or 8 (NO_CLUSTER)")
     args = ap.parse_args()
     lib = native.load_library()
     if not hasattr(lib, "clada_fused_trace_read"):
@@ -72,7 +74,7 @@ def main() -> None:
     sets = mlp_weight_sets(hidden, inter, dtype, seed=3)
     xs = make_inputs("1", hidden, LAUNCHES, dtype)
     outs = [torch.empty_like(x) for x in xs]
-    native.set_tuning(0, 0, native.FLAG_FUSED)
+    native.set_tuning(0, 0, native.FLAG_FUSED | args.flags)
     table = {}
     for s in args.sparsities:
         thrs = [thresholds_and_touched(xs[i], sets[i % 2][0], sets[i % 2][1], s)[0] for i in range(LAUNCHES)]
@@ -97,7 +99,8 @@ def main() -> None:
         table[s] = {k: statistics.median(p[k] for p in per) for k in per[0]}
         del g
     native.set_tuning(0, 0, 0)
-    print(f"\nfused launch timeline, {args.shape} B=1 bf16, {torch.cuda.get_device_name()}, us "
+    print(f"\nfused launch timeline, {args.shape} B=1 bf16, flags {native.FLAG_FUSED | args.flags}, "
+          f"{torch.cuda.get_device_name()}, us "
           f"(median of 5 graph replays of {LAUNCHES} calls)")
     print("| | " + " | ".join(f"{100 * s:.0f}%" for s in table) + " |")
     print("|---|" + "---|" * len(table))

@@ -106,8 +106,8 @@ def test_kernel_matches_reference(model, dtype):
 
 
 # 1000: a last column tile of 104; 1096: 9 tiles (the last of 72), so a cluster of 2 has a block
-# past the last tile
-FUSED_SHAPES = {**SHAPES, "odd": (264, 1000), "odd-tiles": (200, 1096)}
+# past the last tile; 8192: the widest hidden (4 loads of each down row per thread)
+FUSED_SHAPES = {**SHAPES, "odd": (264, 1000), "odd-tiles": (200, 1096), "max-hidden": (8192, 2048)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
