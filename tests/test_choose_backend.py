@@ -165,9 +165,10 @@ def test_generate_runs_the_faster_and_says_so(tiny_chat_export, capsys, monkeypa
         f"over {slower} (10.0 tokens/s" in lines[0], err
     assert out.startswith("w5 w9 w17")
     assert _ran_on(err) == faster
-    found = re.search(r"decode ([\d.]+) tokens/s, dense ([\d.]+) tokens/s on the same backend: ([\d.]+)x(.*?),", err)
+    found = re.search(r"decode ([\d.]+) tokens/s, dense ([\d.]+) vs ([\d.]+) tokens/s over the same (\d+) tokens: "
+                      r"([\d.]+)x(.*?),", err)
     assert found, err
-    assert ("onnxruntime computes the MLP dense" in found.group(4)) == (faster == "onnxruntime")
+    assert ("onnxruntime computes the MLP dense" in found.group(6)) == (faster == "onnxruntime")
 
 
 def test_named_backend_skips_the_measurement(tiny_chat_export, capsys, monkeypatch):
@@ -212,3 +213,25 @@ def test_generate_default_choice_end_to_end(tiny_chat_export, capsys, monkeypatc
         chosen, fast, other, slow = found.group(1), float(found.group(2)), found.group(3), float(found.group(4))
         assert chosen != other and fast >= slow > 0
         assert _ran_on(err) == chosen and out.startswith("w5 w9 w17")
+
+
+def test_dense_comparison_runs_both_as_long_at_their_own_thresholds():
+    """generate's dense figure (runtime/baseline.py): a dense run, then one at the generation's
+    thresholds, both DENSE_BASELINE_TOKENS long with EOS ignored (the stub always picks token 3,
+    here the EOS, which would end a generation after one token)."""
+    from clada_export.runtime.baseline import DENSE_BASELINE_TOKENS, compare_with_dense
+    from clada_export.runtime.generator import Generator
+
+    stub = StubBackend(FakeClock(), 0.0)
+    thr = np.array([[0.1, 0.2], [0.3, 0.4]], np.float32)
+    sparse = Generator(stub, eos_token_ids=[3], static_thresholds=thr)
+    assert len(sparse.generate([[5, 6]], 40).tokens[0]) == 1
+    stub.thresholds.clear()
+    comparison = compare_with_dense(sparse, [[5, 6]], 40)
+    steps = DENSE_BASELINE_TOKENS - 1  # the first token comes from prefill
+    assert comparison.tokens == DENSE_BASELINE_TOKENS and len(stub.thresholds) == 2 * steps
+    assert all(not t.any() for t in stub.thresholds[:steps])  # dense first
+    assert all(torch.equal(t[:, 0], torch.from_numpy(thr)) for t in stub.thresholds[steps:])
+    assert comparison.dense > 0 and comparison.sparse > 0
+    assert comparison.speedup == pytest.approx(comparison.sparse / comparison.dense)
+    assert compare_with_dense(sparse, [[5, 6]], 1) is None  # one token: no decode step to time

@@ -319,10 +319,11 @@ def test_generate_on_torch_prints_the_dense_figure(tiny_chat_export, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert ", backend torch," in err
-    found = re.search(r"decode ([\d.]+) tokens/s, dense ([\d.]+) tokens/s on the same backend: ([\d.]+)x", err)
+    found = re.search(r"dense ([\d.]+) vs ([\d.]+) tokens/s over the same (\d+) tokens: ([\d.]+)x", err)
     assert found, err
-    sparse, dense, ratio = map(float, found.groups())
-    assert dense > 0 and abs(ratio - sparse / dense) <= 0.01 * ratio + 0.01
+    dense, sparse, tokens, ratio = map(float, found.groups())
+    # both runs are as long (EOS ignored), the generation's 6 tokens here
+    assert tokens == 6 and dense > 0 and abs(ratio - sparse / dense) <= 0.01 * ratio + 0.01
     assert main(args + ["--no-dense-baseline"]) == 0
     assert "dense" not in capsys.readouterr().err.replace("--dense", "")
 

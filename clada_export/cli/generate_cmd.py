@@ -52,8 +52,8 @@ def add_parsers(sub, _add_model_arg) -> None:
     p.add_argument("--controller", metavar="JSON", help="controller settings: a JSON object of ControllerConfig "
                                                         "fields to override (docs/controller.md)")
     p.add_argument("--no-dense-baseline", action="store_true",
-                   help="skip the short dense run (32 tokens, same backend) whose tokens/s is printed beside the "
-                        "sparse figure with the speedup")
+                   help="skip the two short runs on the same backend (32 tokens each, EOS ignored: dense, then "
+                        "these thresholds) whose tokens/s and ratio are printed beside the generation's")
     p.add_argument("--trace", help="write the controller's decisions as JSONL here")
     p.add_argument("--plot", help="write a PNG of surprisal, entropy and chosen sparsity per token here")
     p.set_defaults(func=run_generate)
@@ -159,13 +159,20 @@ def run_generate(args: argparse.Namespace) -> None:
 
     stats = summary_stats(result, args.backend, mode, profile)
     if mode != "dense" and not args.no_dense_baseline:
-        from clada_export.runtime.baseline import dense_tokens_per_second
+        from clada_export.runtime.baseline import compare_with_dense
 
-        dense = dense_tokens_per_second(backend, prompts, args.max_new_tokens)
-        if dense == dense:  # NaN: too few tokens to time
-            sparse = result.decode_tokens_per_second
+        # the same thresholds without a trace: the generation's own trace stays as written
+        factory2, _, _, controllers2 = threshold_mode(profile, args.dense, args.static, controller_config, None)
+        try:
+            comparison = compare_with_dense(
+                Generator(backend, controller_factory=factory2, static_thresholds=static), prompts,
+                args.max_new_tokens)
+        finally:
+            for controller in controllers2:
+                controller.close()
+        if comparison is not None:
             why = " (onnxruntime computes the MLP dense, then masks)" if args.backend == "onnxruntime" else ""
-            stats.insert(2, f"dense {dense:.1f} tokens/s on the same backend: {sparse / dense:.2f}x{why}")
+            stats.insert(2, comparison.line() + why)
     if args.backend == "torch" and backend.device.type == "cpu":
         torch.set_num_threads(previous_threads)  # main() may be called again in this process (tests)
     print("[" + ", ".join(stats) + "]", file=sys.stderr)
