@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
     ap.add_argument("--flags", type=int, default=0,
-                    help="launch flags besides FUSED (sparse_mlp.h), e.g. 16 (NO_BULK) or 8 (NO_CLUSTER)")
+                    help="launch flags besides FUSED (sparse_mlp.h), e.g. 8 (NO_CLUSTER)")
     args = ap.parse_args()
     lib = native.load_library()
     if not hasattr(lib, "clada_fused_trace_read"):
