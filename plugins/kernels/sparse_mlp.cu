@@ -35,7 +35,6 @@
 
 #include <cooperative_groups.h>
 
-#include <algorithm>
 #include <atomic>
 
 #include "common.cuh"
